@@ -1,0 +1,84 @@
+# Matcher: the verbs. `make run` and `make test` work on a fresh clone; everything they need is
+# built here, into .venv/, models/, data/ and cache/ (all ignored by git).
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+PORT ?= 50051
+BACKBONE ?= efficientnet_lite0
+WEIGHTS ?= imagenet
+MODELS ?= models/backbones
+MODEL_DIR := $(MODELS)/$(BACKBONE)
+CLASSIFIER_DIR ?= models/classifiers/$(BACKBONE)
+CLASSIFIER := $(CLASSIFIER_DIR)/classifier.joblib
+DEMO := data/demo
+DATA ?= $(DEMO)/train
+IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
+TARGET ?= localhost:$(PORT)
+TOP_K ?= 5
+
+.PHONY: help setup proto export demo train run serve match test check lint format clean
+
+help:
+	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
+	@echo "make test     run the test suite"
+	@echo "make export   BACKBONE=... WEIGHTS=imagenet|PATH|random"
+	@echo "make train    DATA=folder-of-label-folders"
+	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
+	@echo "make serve    serve without building anything"
+	@echo "make check    lint, format check, generated-code check"
+
+setup: $(INSTALLED)
+
+# Reinstalls when the pins change. pip reads only the package registry.
+$(INSTALLED): requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	touch $@
+
+proto: $(INSTALLED)
+	$(PY) protos/generate.py
+
+# A backbone is exported once; delete $(MODEL_DIR) or pass a new version to export again.
+export: $(INSTALLED)
+	$(PY) -m export --backbone $(BACKBONE) --weights $(WEIGHTS) --base-path $(MODELS) --if-missing
+
+demo: $(INSTALLED)
+	$(PY) -m train.demo --out $(DEMO)
+
+train: export
+	$(if $(filter $(DEMO)/train,$(DATA)),$(MAKE) demo)
+	$(PY) -m train $(DATA) --out $(CLASSIFIER_DIR) --model-dir $(MODEL_DIR)
+
+# The demo classifier is trained only when none exists for this backbone.
+$(CLASSIFIER):
+	$(MAKE) train DATA=$(DEMO)/train
+
+run: export
+	$(MAKE) $(CLASSIFIER)
+	$(MAKE) serve
+
+serve: $(INSTALLED)
+	$(PY) -m service --port $(PORT) --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER)
+
+match: $(INSTALLED)
+	$(PY) -m service.client $(IMAGE) --target $(TARGET) --top-k $(TOP_K)
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+check: $(INSTALLED)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests/test_proto_generated.py
+
+format: $(INSTALLED)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf models data cache

@@ -1,0 +1,72 @@
+"""`python -m export`: write a backbone as a SavedModel in TensorFlow Serving's layout."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_BASE_PATH = Path("models/backbones")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a backbone CNN as a TensorFlow SavedModel for serving.",
+    )
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2, inception_v3",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (default), a local weights file (inception_v3), or random (tests only)",
+    )
+    parser.add_argument(
+        "--base-path",
+        type=Path,
+        default=DEFAULT_BASE_PATH,
+        help="TF Serving base path; the model goes to BASE/NAME/VERSION (default %(default)s)",
+    )
+    parser.add_argument("--model-name", help="model name under the base path (default: backbone)")
+    parser.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the model already has a version (used by `make run`)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from export.layout import versions
+
+    model_dir = args.base_path / (args.model_name or args.backbone)
+    if args.if_missing and versions(model_dir):
+        print(f"{model_dir} already has version {versions(model_dir)[-1]}; nothing to do")
+        return 0
+    # TensorFlow is imported only now, so that bad arguments fail fast.
+    from export.backbones import ExportError, build_backbone
+    from export.savedmodel import export_backbone
+
+    try:
+        backbone = build_backbone(args.backbone, args.weights)
+        exported = export_backbone(backbone, args.base_path, args.model_name, args.version)
+    except (ExportError, FileExistsError, OSError) as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    info = exported.info
+    print(
+        f"exported {info.backbone} ({info.weights}) -> {exported.path} "
+        f"[input {info.input_size}px, {info.feature_dim} features]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

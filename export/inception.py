@@ -1,0 +1,56 @@
+"""Inception v3 as in the original design: the 2048-d average-pooled `pool_3` features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+NAME = "inception_v3"
+INPUT_SIZE = 299
+FEATURE_DIM = 2048
+WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+WEIGHTS_URL = (
+    "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + WEIGHTS_FILE
+)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested weights cannot be had; the message says what to do instead."""
+
+
+def normalize(images: tf.Tensor) -> tf.Tensor:
+    """RGB 0..255 -> [-1, 1], as Keras' Inception v3 was trained."""
+    return images / 127.5 - 1.0
+
+
+def build_inception_v3(weights: str) -> keras.Model:
+    """Inception v3 without its classifier, global-average-pooled to 2048 features.
+
+    `weights`: "imagenet" (Keras downloads the file once, into ~/.keras/models), a local
+    weights file (the `_notop.h5` Keras publishes), or "random" (tests only).
+    """
+    if weights == "random":
+        source: str | None = None
+    elif weights == "imagenet":
+        source = "imagenet"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file {path} does not exist")
+        source = str(path)
+    try:
+        return keras.applications.InceptionV3(
+            include_top=False,
+            weights=source,
+            input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
+            pooling="avg",
+        )
+    except Exception as exc:  # Keras raises a bare Exception when the download fails.
+        if source != "imagenet":
+            raise WeightsUnavailableError(f"cannot load weights from {weights}: {exc}") from exc
+        raise WeightsUnavailableError(
+            "cannot download the Inception v3 ImageNet weights (offline?); download "
+            f"{WEIGHTS_URL} on a machine that is online and pass --weights PATH_TO/{WEIGHTS_FILE}"
+        ) from exc

@@ -1,0 +1,45 @@
+"""In-graph image preprocessing shared by training and serving.
+
+The exported SavedModel takes encoded image bytes, so every client (the embedded backend,
+TensorFlow Serving, training) goes through exactly these ops: no train/serve skew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+Normalizer = Callable[[tf.Tensor], tf.Tensor]
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    """Decode one JPEG, PNG, GIF (first frame) or BMP into uint8 RGB [H, W, 3].
+
+    `channels=3` turns grayscale into RGB and drops an alpha channel.
+    """
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Resize the whole image (no crop) to float32 [size, size, 3] in 0..255.
+
+    The whole frame is kept because a catalogue item may sit anywhere in a field photo; the
+    aspect ratio is not preserved, as in the original Inception graph. Antialiasing keeps
+    large photos from aliasing when they shrink to the backbone's input.
+    """
+    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def decode_batch(encoded: tf.Tensor, size: int) -> tf.Tensor:
+    """Decode and resize a 1-D batch of encoded images into float32 [N, size, size, 3]."""
+    return tf.map_fn(
+        lambda one: resize(decode_rgb(one), size),
+        encoded,
+        fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+        # Images decode independently; let the runtime overlap them.
+        parallel_iterations=16,
+    )

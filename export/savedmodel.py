@@ -1,0 +1,117 @@
+"""Write a backbone as a TensorFlow SavedModel in TensorFlow Serving's layout.
+
+`<base>/<model_name>/<version>/` holds `saved_model.pb`, `variables/`, the TF Serving warmup
+requests and our metadata. The `serving_default` signature maps a 1-D batch of encoded images
+(`images`, tf.string) to `features` (float32 [N, D]); decoding and resizing live in the graph.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from export.backbones import Backbone
+from export.layout import (
+    INPUT_KEY,
+    MODEL_INFO_FILE,
+    OUTPUT_KEY,
+    SIGNATURE,
+    WARMUP_FILE,
+    ExportedModelInfo,
+    versions,
+)
+from export.preprocess import decode_batch
+from service.backends.tfserving_protos import predict_request
+
+#: Batch sizes replayed at load time, so both the single-image and batched paths are traced.
+WARMUP_BATCH_SIZES = (1, 8)
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """Where a SavedModel version was written and what it holds."""
+
+    path: Path
+    model_name: str
+    version: int
+    info: ExportedModelInfo
+
+
+class FeatureModule(tf.Module):
+    """Encoded images in, pooled backbone features out."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__(name=backbone.name)
+        self.model = backbone.model
+        self._size = backbone.input_size
+        self._normalize = backbone.normalize
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
+    def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels = self._normalize(decode_batch(images, self._size))
+        features = tf.cast(self.model(pixels, training=False), tf.float32)
+        return {OUTPUT_KEY: features}
+
+
+def export_backbone(
+    backbone: Backbone,
+    base_path: Path,
+    model_name: str | None = None,
+    version: int | None = None,
+) -> ExportedModel:
+    """Export `backbone` to `<base_path>/<model_name>/<version>/` and return where it went.
+
+    The version defaults to one above the highest present. The folder is written under a
+    temporary name and renamed at the end, so TF Serving never sees a half-written version.
+    """
+    name = model_name or backbone.name
+    model_dir = base_path / name
+    existing = versions(model_dir)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    final = model_dir / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; choose another --version")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    info = ExportedModelInfo(
+        backbone=backbone.name,
+        input_size=backbone.input_size,
+        feature_dim=backbone.feature_dim,
+        weights=backbone.weights,
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
+    try:
+        module = FeatureModule(backbone)
+        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        _write_assets_extra(staging, name, info)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportedModel(final, name, version, info)
+
+
+def _write_assets_extra(version_dir: Path, model_name: str, info: ExportedModelInfo) -> None:
+    (version_dir / MODEL_INFO_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (version_dir / MODEL_INFO_FILE).write_text(info.to_json())
+    with tf.io.TFRecordWriter(str(version_dir / WARMUP_FILE)) as writer:
+        for log in warmup_logs(model_name, info.input_size):
+            writer.write(log.SerializeToString())
+
+
+def warmup_logs(model_name: str, size: int) -> list[prediction_log_pb2.PredictionLog]:
+    """PredictionLog records of real encoded images, one per warmup batch size."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    jpeg = tf.io.encode_jpeg(image).numpy()
+    logs = []
+    for batch in WARMUP_BATCH_SIZES:
+        log = prediction_log_pb2.PredictionLog()
+        log.predict_log.request.CopyFrom(predict_request(model_name, [jpeg] * batch))
+        logs.append(log)
+    return logs

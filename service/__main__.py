@@ -1,0 +1,31 @@
+"""`python -m service`: run the Matcher gRPC server. `--help` lists every flag."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.config import load_settings
+
+    try:
+        settings = load_settings(argv if argv is not None else sys.argv[1:])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"service: error: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from service.server import run
+
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

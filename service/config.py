@@ -1,0 +1,88 @@
+"""Server settings: command-line flags, falling back to MATCHER_* environment variables.
+
+Built once in `main()` and passed to constructors; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Every setting is a flag (`--model-dir`) and an environment variable (`MATCHER_MODEL_DIR`).
+
+    A flag wins over the environment variable, which wins over the default.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MATCHER_",
+        cli_prog_name="python -m service",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    host: str = Field("localhost", description="Interface to listen on; 0.0.0.0 for all.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    backend: Literal["embedded", "tfserving"] = Field(
+        "embedded",
+        description="Feature backend: `embedded` runs the SavedModel in this process; "
+        "`tfserving` calls TensorFlow Serving's PredictionService.",
+    )
+    model_dir: Path = Field(
+        Path("models/backbones/efficientnet_lite0"),
+        description="Embedded backend: the model base path holding numbered SavedModel "
+        "versions (TF Serving's layout).",
+    )
+    model_version: int | None = Field(
+        None, description="SavedModel version to serve; the latest when unset."
+    )
+    model_name: str = Field(
+        "efficientnet_lite0",
+        description="tfserving backend: the model name in TF Serving.",
+    )
+    tfserving_target: str = Field(
+        "localhost:8500", description="tfserving backend: TF Serving's gRPC address."
+    )
+    tfserving_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="tfserving backend: deadline of each Predict call, seconds.",
+    )
+    classifier: Path = Field(
+        Path("models/classifiers/efficientnet_lite0/classifier.joblib"),
+        description="The trained classifier (joblib). Loading it runs code: only trusted files.",
+    )
+    classifier_sha256: str | None = Field(
+        None,
+        description="Expected sha256 of the classifier file; defaults to the one recorded in "
+        "report.json beside it. A mismatch refuses the file.",
+    )
+    max_receive_bytes: int = Field(
+        16 * MIB, gt=0, description="Largest request message accepted, bytes."
+    )
+    max_image_side: int = Field(
+        10_000,
+        gt=0,
+        description="Largest image width or height accepted, pixels (header check).",
+    )
+    min_image_side: int = Field(
+        16, gt=0, description="Smallest image width or height accepted, pixels."
+    )
+    grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight calls may take to finish.",
+    )
+    log_level: str = Field("INFO", description="Logging level.")
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Parse flags (and the environment) into Settings; exits with usage on bad flags."""
+    return CliApp.run(Settings, cli_args=argv if argv is not None else None)

