@@ -1,0 +1,135 @@
+"""Training: dataset layout, cached batched features, the grid search and its report."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tests import samples
+from train.dataset import DatasetError, discover
+from train.pipeline import TrainConfig, train
+from train.svm import cv_folds, param_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_dataset(demo, root: Path, labels: int = 3, per_label: int = 6) -> Path:
+    """A copy of a few demo labels, for trainings that must be quick."""
+    for label in demo.labels[:labels]:
+        source = sorted((demo.out / "train" / label).iterdir())[:per_label]
+        (root / label).mkdir(parents=True)
+        for path in source:
+            shutil.copy(path, root / label / path.name)
+    return root
+
+
+def test_grid_is_the_original_one() -> None:
+    grid = param_grid()
+    linear, rbf = grid
+    assert linear == {"estimator__kernel": ["linear"], "estimator__C": [1, 10, 100, 1000]}
+    assert rbf["estimator__gamma"] == [1e-2, 1e-3, 1e-4, 1e-5]
+    assert (
+        len(linear["estimator__C"]) + len(rbf["estimator__C"]) * len(rbf["estimator__gamma"]) == 20
+    )
+
+
+def test_folds_shrink_with_a_warning_when_a_class_is_small() -> None:
+    assert cv_folds(["a"] * 30 + ["b"] * 30, 10) == 10
+    with pytest.warns(UserWarning, match="3-fold cross-validation instead of 10"):
+        assert cv_folds(["a"] * 30 + ["b"] * 3, 10) == 3
+
+
+def test_report_of_the_demo_training(trained, demo) -> None:
+    report = trained.report
+    labels = sorted(demo.labels)
+    assert report["search"]["folds"] == 5
+    assert len(report["search"]["candidates"]) == 20
+    assert [c["rank"] for c in report["search"]["candidates"]].count(1) >= 1
+    holdout = report["holdout"]
+    assert holdout["labels"] == labels
+    matrix = holdout["confusion_matrix"]
+    assert len(matrix) == len(labels) and all(len(row) == len(labels) for row in matrix)
+    assert sum(map(sum, matrix)) == report["data"]["holdout"]
+    # Stratified 80/20: every label is held out in equal measure.
+    assert report["data"]["holdout"] == math.ceil(0.2 * len(labels) * demo.train_views)
+    assert set(holdout["per_class"]) == set(labels)
+    assert holdout["accuracy"] >= 0.9
+
+
+def test_a_rerun_takes_every_feature_from_the_cache(demo, embedded_backend, tmp_path) -> None:
+    data = small_dataset(demo, tmp_path / "data")
+    config = TrainConfig(
+        data=data, out=tmp_path / "out", cache_dir=tmp_path / "cache", folds=2, progress=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer folds than asked: expected here
+        first = train(config, embedded_backend)
+        (data / demo.labels[0] / "renamed.jpg").write_bytes(
+            next((data / demo.labels[0]).iterdir()).read_bytes()
+        )
+        second = train(config, embedded_backend)
+    assert first.report["data"]["features_computed"] == 18
+    assert second.report["data"]["features_computed"] == 0
+    assert second.report["data"]["features_cached"] == 19
+
+
+def test_unreadable_files_are_skipped_and_reported(demo, embedded_backend, tmp_path, capsys):
+    data = small_dataset(demo, tmp_path / "data")
+    label = demo.labels[1]
+    (data / label / "broken.jpg").write_bytes(samples.bad_images()["truncated_jpeg"])
+    (data / label / "notes.jpg").write_bytes(b"not an image at all")
+    config = TrainConfig(
+        data=data, out=tmp_path / "out", cache_dir=None, folds=2, batch_size=4, progress=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = train(config, embedded_backend)
+    rejected = result.report["data"]["rejected"]
+    assert sorted(Path(p).name for p in rejected) == ["broken.jpg", "notes.jpg"]
+    assert "not a recognised image" in rejected[str(data / label / "notes.jpg")]
+    assert result.report["data"]["train"] + result.report["data"]["holdout"] == 18
+    captured = capsys.readouterr()
+    assert "features" in captured.err  # the progress bar
+    assert "confusion matrix" in captured.out and "label order: 0=" in captured.out
+
+
+def test_dataset_layout_is_one_folder_per_label(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.JPG").write_bytes(b"")
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"")
+    (tmp_path / "a" / "readme.txt").write_bytes(b"")
+    (tmp_path / "b" / "y.png").write_bytes(b"")
+    (tmp_path / ".git").mkdir()
+    dataset = discover(tmp_path)
+    assert dataset.label_names == ["a", "b"]
+    assert [p.name for p in dataset.paths] == ["x.JPG", "y.png"]
+
+
+def test_one_label_is_not_a_dataset(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="at least 2"):
+        discover(tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "train", str(tmp_path / "missing"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train:")]
+    assert lines == [
+        f"train: error: {tmp_path / 'missing'} is not a folder; expected DATA/<label>/<image> files"
+    ]
+    assert "Traceback" not in result.stderr
