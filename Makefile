@@ -19,7 +19,7 @@ IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train run serve match test check lint format clean
+.PHONY: help setup proto export demo train run serve match test check format bench clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
@@ -29,6 +29,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
+	@echo "make bench    extraction speed: one image per call vs batches"
 
 setup: $(INSTALLED)
 
@@ -79,6 +80,10 @@ check: $(INSTALLED)
 format: $(INSTALLED)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+bench: export demo
+	mkdir -p build
+	$(PY) -m bench.extract --model-dir $(MODEL_DIR) --images $(DEMO)/train --json build/bench-extract.json
 
 clean:
 	rm -rf models data cache

@@ -57,7 +57,10 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
     state = None
     source = "random"
     if weights == "imagenet":
-        path = efficientnet_lite.weights_path(name)
+        try:
+            path = efficientnet_lite.weights_path(name)
+        except RuntimeError as exc:  # the weights package is not installed
+            raise ExportError(str(exc)) from exc
         state = load_legacy_state_dict(path)
         source = f"imagenet:{path.name}"
     model = efficientnet_lite.build_efficientnet_lite(name, state)

