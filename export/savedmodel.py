@@ -28,6 +28,7 @@ from export.layout import (
     versions,
 )
 from export.preprocess import decode_batch
+from service.backends.tfs_api import load_api
 from service.backends.tfserving_protos import predict_request
 
 #: Batch sizes replayed at load time, so both the single-image and batched paths are traced.
@@ -109,9 +110,12 @@ def warmup_logs(model_name: str, size: int) -> list[prediction_log_pb2.Predictio
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     jpeg = tf.io.encode_jpeg(image).numpy()
+    api = load_api()
     logs = []
     for batch in WARMUP_BATCH_SIZES:
         log = prediction_log_pb2.PredictionLog()
-        log.predict_log.request.CopyFrom(predict_request(model_name, [jpeg] * batch))
+        # Same wire format: the request built for serving is the one TF Serving replays.
+        request = predict_request(api, model_name, [jpeg] * batch)
+        log.predict_log.request.ParseFromString(request.SerializeToString())
         logs.append(log)
     return logs

@@ -51,9 +51,33 @@ class Settings(BaseSettings):
         "localhost:8500", description="tfserving backend: TF Serving's gRPC address."
     )
     tfserving_timeout_s: float = Field(
-        10.0,
+        10.0, gt=0, description="tfserving backend: deadline of each call to TF Serving, seconds."
+    )
+    tfserving_version_label: str | None = Field(
+        None,
+        description="tfserving backend: serve the version with this label (TF Serving's "
+        "version_labels) instead of --model-version or the latest.",
+    )
+    tfserving_signature: str = Field(
+        "serving_default", description="tfserving backend: the SavedModel signature to call."
+    )
+    tfserving_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="tfserving backend: attempts per call when TF Serving answers UNAVAILABLE "
+        "(gRPC retries with exponential backoff; other errors are not retried).",
+    )
+    tfserving_api_descriptors: Path | None = Field(
+        None,
+        description="tfserving backend: TF Serving's API descriptors written by `python -m "
+        "service.backends.tfs_api FILE`; unset reads them from the installed "
+        "tensorflow-serving-api files (without importing TensorFlow).",
+    )
+    health_check_interval_s: float = Field(
+        2.0,
         gt=0,
-        description="tfserving backend: deadline of each Predict call, seconds.",
+        description="How often the feature backend is checked; health follows it "
+        "(NOT_SERVING while TF Serving is unreachable).",
     )
     classifier: Path = Field(
         Path("models/classifiers/efficientnet_lite0/classifier.joblib"),

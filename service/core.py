@@ -58,6 +58,10 @@ class MatcherCore:
             )
         self._classifier = classifier
 
+    def check_backend(self) -> None:
+        """Raise BackendUnavailableError when the feature backend cannot be reached (blocking)."""
+        self._backend.check()
+
     @property
     def ready(self) -> bool:
         return self._classifier is not None and self._backend.ready

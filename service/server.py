@@ -21,7 +21,7 @@ from service.backends.base import FeatureBackend
 from service.classifier import Classifier
 from service.config import Settings
 from service.core import MatcherCore
-from service.errors import MatcherError
+from service.errors import BackendUnavailableError, MatcherError
 from service.images import ImageLimits
 from service.servicer import MatcherServicer
 
@@ -35,13 +35,19 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def make_backend(settings: Settings) -> FeatureBackend:
     """The feature backend the settings ask for."""
     if settings.backend == "tfserving":
-        from service.backends.tfserving import TFServingBackend
+        from service.backends.tfserving import TFServingBackend, TFServingOptions
 
         return TFServingBackend(
-            settings.tfserving_target,
-            settings.model_name,
-            settings.model_version,
-            settings.tfserving_timeout_s,
+            TFServingOptions(
+                target=settings.tfserving_target,
+                model_name=settings.model_name,
+                version=settings.model_version,
+                version_label=settings.tfserving_version_label,
+                signature=settings.tfserving_signature,
+                timeout_s=settings.tfserving_timeout_s,
+                max_attempts=settings.tfserving_max_attempts,
+                descriptors=settings.tfserving_api_descriptors,
+            )
         )
     from service.backends.embedded import EmbeddedBackend
 
@@ -66,11 +72,46 @@ class RunningServer:
     health: health.aio.HealthServicer
     core: MatcherCore
 
-    async def load_models(self) -> None:
-        """Load the models off the event loop, then report SERVING."""
-        await asyncio.to_thread(self.core.load)
+    async def run(self, check_interval_s: float) -> None:
+        """Load the models, then keep health in step with the feature backend, forever."""
+        await self.load_models()
+        await self.watch_backend(check_interval_s)
+
+    async def load_models(self, first_delay_s: float = 0.5, max_delay_s: float = 5.0) -> None:
+        """Load the models off the event loop, then report SERVING.
+
+        While the backend is unreachable (TF Serving still starting) this retries with
+        backoff; a model that does not fit raises ModelLoadError at once.
+        """
+        delay = first_delay_s
+        while True:
+            try:
+                await asyncio.to_thread(self.core.load)
+                break
+            except BackendUnavailableError as exc:
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, max_delay_s)
         await self._set_health(SERVING)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
+
+    async def watch_backend(self, interval_s: float) -> None:
+        """Report NOT_SERVING while the backend is unreachable, SERVING when it is back."""
+        serving = True
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.core.check_backend)
+                problem = None
+            except MatcherError as exc:
+                problem = str(exc)
+            if (problem is None) != serving:
+                serving = problem is None
+                await self._set_health(SERVING if serving else NOT_SERVING)
+                if serving:
+                    log.info("feature backend is back: SERVING")
+                else:
+                    log.warning("feature backend lost (%s): NOT_SERVING", problem)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING to every watcher, then let in-flight calls finish."""
@@ -118,15 +159,15 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loader = asyncio.create_task(running.load_models())
+    lifecycle = asyncio.create_task(running.run(settings.health_check_interval_s))
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if loader in done and loader.exception() is not None:
+    done, _ = await asyncio.wait({lifecycle, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if lifecycle in done:  # it only ends when the models cannot be loaded
+        stopper.cancel()
         await running.stop(0)
-        raise loader.exception()  # type: ignore[misc]
-    await stopper
+        raise lifecycle.exception()  # type: ignore[misc]
     log.info("shutting down; in-flight calls have %.1f s", settings.grace_s)
-    loader.cancel()
+    lifecycle.cancel()
     await running.stop(settings.grace_s)
 
 

@@ -23,6 +23,9 @@ class FeatureBackend(Protocol):
     def load(self) -> None:
         """Load or connect to the model; raises ModelLoadError when that is impossible."""
 
+    def check(self) -> None:
+        """Raise BackendUnavailableError when the loaded model cannot be reached now."""
+
     @property
     def ready(self) -> bool:
         """Whether `features` can be called."""

@@ -6,6 +6,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from export.layout import (
     read_model_info,
     resolve_version,
 )
+from service.backends.tf_messages import decoder_reason
 from service.domain import BackboneInfo
 from service.errors import InvalidImageError, ModelLoadError, NotReadyError
 
@@ -43,11 +45,20 @@ class EmbeddedBackend:
             self._signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
         except (OSError, KeyError, ValueError) as exc:
             raise ModelLoadError(f"cannot load SavedModel from {self._model_dir}: {exc}") from exc
+        self._warm_up(tf, meta.input_size)
         fingerprint = hashlib.sha256((path / "saved_model.pb").read_bytes()).hexdigest()[:16]
         self._info = BackboneInfo(
             meta.backbone, version, meta.input_size, meta.feature_dim, fingerprint
         )
         log.info("loaded SavedModel %s version %d from %s", meta.backbone, version, path)
+
+    def _warm_up(self, tf: Any, size: int) -> None:
+        """Run one image through the graph so the first real request is not the slow one."""
+        image = tf.io.encode_jpeg(tf.zeros([size, size, 3], tf.uint8)).numpy()
+        self._signature(**{INPUT_KEY: tf.constant([image])})
+
+    def check(self) -> None:
+        """In-process: once loaded, the model is always there."""
 
     @property
     def ready(self) -> bool:
@@ -68,13 +79,7 @@ class EmbeddedBackend:
             outputs = self._signature(**{INPUT_KEY: tf.constant(list(images), dtype=tf.string)})
         except tf.errors.InvalidArgumentError as exc:
             # The in-graph decoder refused an image (corrupt or truncated data).
-            raise InvalidImageError(f"image could not be decoded: {_reason(exc.message)}") from exc
+            raise InvalidImageError(
+                f"image could not be decoded: {decoder_reason(exc.message)}"
+            ) from exc
         return outputs[OUTPUT_KEY].numpy()
-
-
-def _reason(message: str) -> str:
-    """The decoder's own words from a TensorFlow error, without graph and node noise."""
-    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
-    lines = [line.strip() for line in message.splitlines()]
-    useful = [line for line in lines if line and not line.startswith(noise)]
-    return useful[0] if useful else "the decoder refused the data"

@@ -1,20 +1,31 @@
 """The `tfserving` feature backend: TensorFlow Serving's PredictionService over gRPC.
 
-One long-lived channel; a deadline on every call. Start-up checks, retries and health
-following the backend are tracked in the TF Serving issue.
+One long-lived channel for the process. Retries (only on UNAVAILABLE, bounded, with
+exponential backoff) and round-robin over every address a `dns:///` target resolves to are
+gRPC's own, set by the channel's service config. Every call has a deadline. TensorFlow is
+never imported: the messages come from `tfs_api`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
 from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
-from service.backends.tfserving_protos import features_from_response, predict_request
+from service.backends import tfs_api
+from service.backends.tf_messages import decoder_reason, is_decode_error
+from service.backends.tfserving_protos import (
+    features_from_response,
+    predict_request,
+    set_model_spec,
+)
 from service.domain import BackboneInfo
 from service.errors import (
     BackendUnavailableError,
@@ -25,50 +36,101 @@ from service.errors import (
 
 log = logging.getLogger(__name__)
 
-_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: Statuses that mean "TF Serving is not there right now", as opposed to "it said no".
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class TFServingOptions:
+    """Where the model is and how to call it."""
+
+    target: str
+    model_name: str
+    version: int | None = None
+    version_label: str | None = None
+    signature: str = SIGNATURE
+    timeout_s: float = 10.0
+    #: Attempts per call, the first included; gRPC retries only UNAVAILABLE answers.
+    max_attempts: int = 3
+    max_message_bytes: int = 64 << 20
+    descriptors: Path | None = None
+
+
+def service_config(max_attempts: int) -> str:
+    """gRPC service config: round-robin over resolved addresses, retry UNAVAILABLE only."""
+    retry = {
+        "maxAttempts": max(2, max_attempts),
+        "initialBackoff": "0.05s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts > 1:
+        config["methodConfig"] = [
+            {
+                "name": [
+                    {"service": "tensorflow.serving.PredictionService"},
+                    {"service": "tensorflow.serving.ModelService"},
+                ],
+                "retryPolicy": retry,
+            }
+        ]
+    return json.dumps(config)
 
 
 class TFServingBackend:
-    """Asks TF Serving at `target` for the features of model `model_name`."""
+    """Asks TF Serving for the features of one model."""
 
     kind = "tfserving"
 
-    def __init__(
-        self,
-        target: str,
-        model_name: str,
-        version: int | None = None,
-        timeout_s: float = 10.0,
-        max_message_bytes: int = 64 << 20,
-    ) -> None:
-        self._target = target
-        self._model_name = model_name
-        self._version = version
-        self._timeout_s = timeout_s
+    def __init__(self, options: TFServingOptions) -> None:
+        self._options = options
+        self._api = tfs_api.load_api(options.descriptors)
         self._channel = grpc.insecure_channel(
-            target,
+            options.target,
             options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", options.max_message_bytes),
+                ("grpc.max_receive_message_length", options.max_message_bytes),
+                ("grpc.service_config", service_config(options.max_attempts)),
+                ("grpc.enable_retries", 1),
             ],
         )
-        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        api = self._api
+        self._predict = self._channel.unary_unary(
+            tfs_api.PREDICT, api.PredictRequest.SerializeToString, api.PredictResponse.FromString
+        )
+        self._metadata = self._channel.unary_unary(
+            tfs_api.GET_MODEL_METADATA,
+            api.GetModelMetadataRequest.SerializeToString,
+            api.GetModelMetadataResponse.FromString,
+        )
+        self._status = self._channel.unary_unary(
+            tfs_api.GET_MODEL_STATUS,
+            api.GetModelStatusRequest.SerializeToString,
+            api.GetModelStatusResponse.FromString,
+        )
         self._info: BackboneInfo | None = None
 
     def load(self) -> None:
-        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.name = self._model_name
-        if self._version is not None:
-            request.model_spec.version.value = self._version
-        try:
-            response = self._stub.GetModelMetadata(request, timeout=self._timeout_s)
-        except grpc.RpcError as exc:
-            raise ModelLoadError(
-                f"TF Serving at {self._target} has no usable model {self._model_name!r}: "
-                f"{exc.code().name}: {exc.details()}"
-            ) from exc
-        self._info = _backbone_info(self._model_name, response)
-        log.info("TF Serving %s serves %s", self._target, self._info)
+        """Check that the model is AVAILABLE and its signature fits; remember what it serves.
+
+        Raises BackendUnavailableError while TF Serving cannot be reached (the caller retries)
+        and ModelLoadError when it answers but the model does not fit.
+        """
+        version = self._available_version()
+        self._info = self._signature_info(version)
+        log.info(
+            "TF Serving %s serves %s version %d (%d features)",
+            self._options.target,
+            self._info.name,
+            self._info.version,
+            self._info.feature_dim,
+        )
+
+    def check(self) -> None:
+        """Raise BackendUnavailableError unless the model is still AVAILABLE."""
+        self._available_version()
 
     @property
     def ready(self) -> bool:
@@ -80,38 +142,105 @@ class TFServingBackend:
             raise NotReadyError("the feature backend is not connected yet")
         return self._info
 
-    def features(self, images: Sequence[bytes]) -> np.ndarray:
+    def features(self, images: Sequence[bytes], timeout_s: float | None = None) -> np.ndarray:
         if self._info is None:
             raise NotReadyError("the feature backend is not connected yet")
-        request = predict_request(self._model_name, images, self._version)
+        options = self._options
+        request = predict_request(
+            self._api,
+            options.model_name,
+            images,
+            options.version,
+            options.version_label,
+            options.signature,
+        )
         try:
-            response = self._stub.Predict(request, timeout=self._timeout_s)
+            response = self._predict(request, timeout=self._timeout(timeout_s))
         except grpc.RpcError as exc:
-            if exc.code() in _UNREACHABLE:
-                raise BackendUnavailableError(
-                    f"TF Serving at {self._target}: {exc.code().name}"
-                ) from exc
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidImageError(f"image could not be decoded: {exc.details()}") from exc
-            raise
+            raise self._error(exc, "Predict") from exc
         return features_from_response(response)
 
     def close(self) -> None:
         self._channel.close()
 
+    def _timeout(self, timeout_s: float | None) -> float:
+        limit = self._options.timeout_s
+        return limit if timeout_s is None else max(0.001, min(limit, timeout_s))
 
-def _backbone_info(
-    model_name: str, response: get_model_metadata_pb2.GetModelMetadataResponse
-) -> BackboneInfo:
-    signatures = get_model_metadata_pb2.SignatureDefMap()
-    response.metadata["signature_def"].Unpack(signatures)
-    signature = signatures.signature_def.get(SIGNATURE)
-    if signature is None or INPUT_KEY not in signature.inputs:
-        raise ModelLoadError(f"model {model_name!r} has no {SIGNATURE} signature taking images")
-    output = signature.outputs.get(OUTPUT_KEY)
-    if output is None or len(output.tensor_shape.dim) != 2:
-        raise ModelLoadError(f"model {model_name!r} does not return [N, D] features")
-    feature_dim = output.tensor_shape.dim[1].size
-    version = response.model_spec.version.value
-    # TF Serving's metadata does not carry the input size; 0 means "not reported".
-    return BackboneInfo(model_name, version, 0, feature_dim)
+    def _error(self, exc: grpc.RpcError, method: str) -> Exception:
+        code = exc.code()
+        where = f"TF Serving {self._options.target} {method}"
+        if code in UNREACHABLE:
+            return BackendUnavailableError(f"{where}: {code.name}")
+        details = exc.details() or ""
+        decoder_refused = code == grpc.StatusCode.INVALID_ARGUMENT and is_decode_error(details)
+        if method == "Predict" and decoder_refused:
+            return InvalidImageError(f"image could not be decoded: {decoder_reason(details)}")
+        # The model went away (NOT_FOUND) or no longer fits (a wrong key or dtype): this
+        # matcher cannot answer until the deployment is fixed.
+        return ModelLoadError(f"{where}: {code.name}: {_first_line(details)}")
+
+    def _available_version(self) -> int:
+        options = self._options
+        request = self._api.GetModelStatusRequest()
+        set_model_spec(
+            request.model_spec, options.model_name, options.version, options.version_label
+        )
+        try:
+            response = self._status(request, timeout=options.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "GetModelStatus") from exc
+        available = [
+            s.version for s in response.model_version_status if s.state == self._api.AVAILABLE
+        ]
+        if not available:
+            states = {s.version: s.state for s in response.model_version_status}
+            raise ModelLoadError(
+                f"model {options.model_name!r} has no AVAILABLE version in TF Serving "
+                f"{options.target} (states {states})"
+            )
+        return max(available)
+
+    def _signature_info(self, version: int) -> BackboneInfo:
+        options = self._options
+        request = self._api.GetModelMetadataRequest(metadata_field=["signature_def"])
+        set_model_spec(
+            request.model_spec, options.model_name, options.version, options.version_label
+        )
+        try:
+            response = self._metadata(request, timeout=options.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "GetModelMetadata") from exc
+        signatures = self._api.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        feature_dim = _check_signature(signatures, options.model_name, options.signature)
+        served = response.model_spec.version.value or version
+        return BackboneInfo(options.model_name, served, 0, feature_dim)
+
+
+def _check_signature(signatures: Any, model_name: str, name: str) -> int:
+    """The feature dimension, after checking the signature takes strings and returns [N, D]."""
+    if name not in signatures.signature_def:
+        raise ModelLoadError(
+            f"model {model_name!r} has no signature {name!r} "
+            f"(has {sorted(signatures.signature_def)})"
+        )
+    signature = signatures.signature_def[name]
+    images = signature.inputs.get(INPUT_KEY)
+    if images is None or images.dtype != tfs_api.DT_STRING:
+        raise ModelLoadError(
+            f"signature {name!r} of {model_name!r} does not take {INPUT_KEY!r} as strings "
+            f"(inputs {dict((k, v.dtype) for k, v in signature.inputs.items())})"
+        )
+    features = signature.outputs.get(OUTPUT_KEY)
+    dims = [d.size for d in features.tensor_shape.dim] if features is not None else []
+    if features is None or features.dtype != tfs_api.DT_FLOAT or len(dims) != 2 or dims[1] < 1:
+        raise ModelLoadError(
+            f"signature {name!r} of {model_name!r} does not return {OUTPUT_KEY!r} as float "
+            f"[N, D] (outputs {sorted(signature.outputs)}, shape {dims})"
+        )
+    return dims[1]
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
