@@ -31,8 +31,9 @@ from export.preprocess import decode_batch
 from service.backends.tfs_api import load_api
 from service.backends.tfserving_protos import predict_request
 
-#: Batch sizes replayed at load time, so both the single-image and batched paths are traced.
-WARMUP_BATCH_SIZES = (1, 8)
+#: Batch sizes replayed at load time: TF Serving's allowed_batch_sizes in
+#: deploy/k8s/base/tfserving/batching.config, so no batch shape is first seen by a client.
+WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,17 @@ def export_backbone(
         module = FeatureModule(backbone)
         tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
         _write_assets_extra(staging, name, info)
+        _make_readable(staging)
         os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportedModel(final, name, version, info)
+
+
+def _make_readable(root: Path) -> None:
+    """Let any user read the version (mkdtemp makes it 0700; TF Serving runs as another uid)."""
+    for path in (root, *root.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _write_assets_extra(version_dir: Path, model_name: str, info: ExportedModelInfo) -> None:
@@ -107,9 +115,10 @@ def _write_assets_extra(version_dir: Path, model_name: str, info: ExportedModelI
 
 def warmup_logs(model_name: str, size: int) -> list[prediction_log_pb2.PredictionLog]:
     """PredictionLog records of real encoded images, one per warmup batch size."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    jpeg = tf.io.encode_jpeg(image).numpy()
+    # A smooth gradient: a real JPEG of the input size that stays small in the file.
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    image = np.stack([*np.meshgrid(ramp, ramp[::-1]), np.full((size, size), 128.0)], axis=-1)
+    jpeg = tf.io.encode_jpeg(image.astype(np.uint8)).numpy()
     api = load_api()
     logs = []
     for batch in WARMUP_BATCH_SIZES:

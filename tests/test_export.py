@@ -217,6 +217,21 @@ def inception_from_file(
 # --- 1. layout and version numbering -------------------------------------------------------------
 
 
+def test_every_exported_file_is_readable_by_other_users(exported_model: ExportedModel) -> None:
+    # TF Serving runs as another (non-root) user than the export job.
+    for path in (exported_model.path, *exported_model.path.rglob("*")):
+        wanted = 0o755 if path.is_dir() else 0o644
+        assert path.stat().st_mode & 0o777 == wanted, path
+
+
+def test_warmup_covers_every_allowed_batch_size() -> None:
+    from export.savedmodel import WARMUP_BATCH_SIZES
+
+    config = (ROOT / "deploy/k8s/base/tfserving/batching.config").read_text()
+    allowed = [int(n) for n in re.findall(r"^allowed_batch_sizes:\s*(\d+)", config, re.M)]
+    assert list(WARMUP_BATCH_SIZES) == allowed
+
+
 def test_version_folder_has_tf_serving_layout(exported_model: ExportedModel) -> None:
     model_dir = exported_model.path.parent
     assert exported_model.version == 1
