@@ -82,3 +82,11 @@ async def test_bad_image_reports_invalid_argument(target) -> None:
 async def test_health_check(target) -> None:
     result = await grpcurl("-plaintext", target, "grpc.health.v1.Health/Check")
     assert json.loads(result.stdout) == {"status": "SERVING"}
+
+
+async def test_model_info(target, demo) -> None:
+    result = await grpcurl("-plaintext", target, "matcher.v1.Matcher/GetModelInfo")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["labels"] == sorted(demo.labels)
+    assert info["feature_dim"] == 1280 and info["feature_backend"] == "embedded"
