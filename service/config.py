@@ -73,6 +73,23 @@ class Settings(BaseSettings):
         "service.backends.tfs_api FILE`; unset reads them from the installed "
         "tensorflow-serving-api files (without importing TensorFlow).",
     )
+    batch_max_size: int = Field(
+        32,
+        ge=1,
+        description="Most images in one model call: concurrent requests are batched "
+        "(like TF Serving's max_batch_size); 1 turns batching off.",
+    )
+    batch_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a model call may wait for more requests to fill its batch "
+        "(like batch_timeout_micros); 0 runs at once when the model is idle.",
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests allowed to wait for the model; beyond that, RESOURCE_EXHAUSTED.",
+    )
     health_check_interval_s: float = Field(
         2.0,
         gt=0,

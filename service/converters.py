@@ -37,6 +37,7 @@ def description_to_proto(description: ModelDescription) -> matcher_pb2.ModelInfo
         classifier_params=description.classifier_params,
         model=identity_to_proto(description.model),
         feature_backend=description.feature_backend,
+        feature_layer=description.backbone.layer,
     )
     if description.holdout_accuracy is not None:
         info.holdout_accuracy = description.holdout_accuracy

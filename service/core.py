@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.backends.base import FeatureBackend
+from service.batcher import BatchingOptions, DynamicBatcher
 from service.classifier import Classifier
 from service.domain import (
     EmbedResult,
@@ -35,11 +36,13 @@ class MatcherCore:
         backend: FeatureBackend,
         load_classifier: Callable[[], Classifier],
         limits: ImageLimits,
+        batching: BatchingOptions | None = None,
     ) -> None:
         self._backend = backend
         self._load_classifier = load_classifier
         self._limits = limits
         self._classifier: Classifier | None = None
+        self.batcher = DynamicBatcher(backend.features, batching or BatchingOptions())
 
     def load(self) -> None:
         """Load both models and check that they fit together (blocking)."""
@@ -98,8 +101,9 @@ class MatcherCore:
         )
 
     async def _features(self, image: bytes) -> np.ndarray:
+        """float32 [1, D] for one image, computed in a batch with concurrent requests."""
         inspect_image(image, self._limits)
-        return await asyncio.to_thread(self._backend.features, [image])
+        return (await self.batcher.features(image))[np.newaxis]
 
     def _require_ready(self) -> Classifier:
         if self._classifier is None or not self._backend.ready:

@@ -26,6 +26,8 @@ class BackboneInfo:
     feature_dim: int
     #: Identifies the exact model files where the backend can tell (embedded); else "".
     fingerprint: str = ""
+    #: The layer pooled into the features, where the backend can tell; else "".
+    layer: str = ""
 
     @property
     def cache_key(self) -> str:

@@ -27,5 +27,9 @@ class BackendUnavailableError(MatcherError):
     """The feature backend (TensorFlow Serving) cannot be reached or did not answer in time."""
 
 
+class OverloadedError(MatcherError):
+    """Too many requests are already waiting for the model."""
+
+
 class ModelLoadError(MatcherError):
     """A model file is missing, does not verify, or does not fit the other model."""

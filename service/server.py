@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from service.backends.base import FeatureBackend
+from service.batcher import BatchingOptions
 from service.classifier import Classifier
 from service.config import Settings
 from service.core import MatcherCore
@@ -60,6 +61,11 @@ def make_core(settings: Settings, backend: FeatureBackend | None = None) -> Matc
         backend or make_backend(settings),
         functools.partial(Classifier.load, settings.classifier, settings.classifier_sha256),
         ImageLimits(min_side=settings.min_image_side, max_side=settings.max_image_side),
+        BatchingOptions(
+            max_batch_size=settings.batch_max_size,
+            timeout_s=settings.batch_timeout_s,
+            max_queue=settings.max_queued_requests,
+        ),
     )
 
 
@@ -117,6 +123,7 @@ class RunningServer:
         """Report NOT_SERVING to every watcher, then let in-flight calls finish."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.core.batcher.close()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", SERVICE_NAME):

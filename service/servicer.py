@@ -22,6 +22,7 @@ from service.errors import (
     MatcherError,
     ModelLoadError,
     NotReadyError,
+    OverloadedError,
 )
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ STATUS_OF: dict[type[MatcherError], grpc.StatusCode] = {
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 Req = TypeVar("Req")

@@ -48,7 +48,7 @@ class EmbeddedBackend:
         self._warm_up(tf, meta.input_size)
         fingerprint = hashlib.sha256((path / "saved_model.pb").read_bytes()).hexdigest()[:16]
         self._info = BackboneInfo(
-            meta.backbone, version, meta.input_size, meta.feature_dim, fingerprint
+            meta.backbone, version, meta.input_size, meta.feature_dim, fingerprint, meta.layer
         )
         log.info("loaded SavedModel %s version %d from %s", meta.backbone, version, path)
 

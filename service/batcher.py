@@ -1,0 +1,123 @@
+"""Dynamic batching: concurrent single-image requests share one model call.
+
+A model call on 16 images costs far less than 16 calls on one, so requests that arrive while
+the model is busy wait in a queue and go together in the next call. The queue is drained
+greedily: a request that finds the model idle runs at once (no added latency at low load), and
+under load each call takes up to `max_batch_size` waiting requests. `timeout_s` optionally
+holds a call back to let a batch fill, as TF Serving's `batch_timeout_micros` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidImageError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[Sequence[bytes]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Like TF Serving's batching parameters."""
+
+    max_batch_size: int = 32
+    #: How long a call may wait for more requests before it runs; 0 runs at once.
+    timeout_s: float = 0.0
+    #: Requests allowed to wait; beyond that, callers are told the server is overloaded.
+    max_queue: int = 256
+
+
+@dataclass
+class _Pending:
+    image: bytes
+    future: asyncio.Future[np.ndarray]
+
+
+class DynamicBatcher:
+    """Runs `run_batch` (blocking) in a worker thread on batches of queued images."""
+
+    def __init__(self, run_batch: BatchFn, options: BatchingOptions) -> None:
+        self._run_batch = run_batch
+        self._options = options
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=options.max_queue)
+        self._worker: asyncio.Task[None] | None = None
+        #: Sizes of the batches run so far (tests and metrics read it).
+        self.batch_sizes: list[int] = []
+
+    async def features(self, image: bytes) -> np.ndarray:
+        """The feature vector of one image, computed in some batch."""
+        self._ensure_worker()
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(image, future))
+        except asyncio.QueueFull:
+            raise OverloadedError(
+                f"{self._options.max_queue} requests are already waiting; retry later"
+            ) from None
+        return await future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="dynamic-batcher")
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self._options.timeout_s
+        while len(batch) < self._options.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        # A caller whose deadline passed while waiting no longer needs an answer.
+        return [p for p in batch if not p.future.done()]
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        self.batch_sizes.append(len(batch))
+        try:
+            rows = await asyncio.to_thread(self._run_batch, [p.image for p in batch])
+        except InvalidImageError as exc:
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            # One undecodable image fails the whole call: answer each image on its own.
+            for pending in batch:
+                await self._run([pending])
+            return
+        except Exception as exc:  # every waiter hears what went wrong
+            _fail(batch, exc)
+            return
+        for pending, row in zip(batch, rows, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(row)
+
+
+def _fail(batch: list[_Pending], exc: Exception) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)
