@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
@@ -30,6 +30,13 @@ class Backbone:
     normalize: Callable[[tf.Tensor], tf.Tensor]
     #: Where the weights came from, recorded in the model's metadata.
     weights: str
+    #: The layer whose output is average-pooled into the features.
+    layer: str = ""
+    #: Normalised pixels -> the feature maps of four stages, early to late (for pictures of
+    #: how the network sees an image); None when the backbone cannot show them.
+    stages: keras.Model | None = None
+    #: A name for each stage, recorded in the metadata.
+    stage_names: tuple[str, ...] = ()
 
 
 def names() -> list[str]:
@@ -37,17 +44,48 @@ def names() -> list[str]:
     return [*efficientnet_lite.VARIANTS, inception.NAME]
 
 
-def build_backbone(name: str, weights: str = "imagenet") -> Backbone:
+def build_backbone(name: str, weights: str = "imagenet", layer: str | None = None) -> Backbone:
     """Build a backbone by name.
 
     `weights`: "imagenet" (the default: genuine ImageNet weights), a path to a local weights
     file (Inception v3), or "random" (for tests only: features carry no meaning).
+    `layer`: the layer whose output is average-pooled into the features; the last by default
+    (e.g. Inception's `mixed7` gives mid-level 768-d features).
     """
     if name in efficientnet_lite.VARIANTS:
-        return _efficientnet_lite(name, weights)
-    if name == inception.NAME:
-        return _inception(weights)
-    raise ExportError(f"unknown backbone {name!r}; choose one of {', '.join(names())}")
+        backbone = _efficientnet_lite(name, weights)
+    elif name == inception.NAME:
+        backbone = _inception(weights)
+    else:
+        raise ExportError(f"unknown backbone {name!r}; choose one of {', '.join(names())}")
+    return _pooled_at(backbone, layer) if layer else backbone
+
+
+def _pooled_at(backbone: Backbone, layer: str) -> Backbone:
+    """The same backbone with features average-pooled from `layer` instead of the last one."""
+    try:
+        output = backbone.model.get_layer(layer).output
+    except ValueError:
+        raise ExportError(
+            f"{backbone.name} has no layer {layer!r}; e.g. {', '.join(_layer_examples(backbone))}"
+        ) from None
+    if len(output.shape) != 4:
+        raise ExportError(f"layer {layer!r} does not output feature maps [N, H, W, C]")
+    pooled = keras.layers.GlobalAveragePooling2D(name=f"{layer}_avg_pool")(output)
+    model = keras.Model(backbone.model.input, pooled, name=f"{backbone.name}_{layer}")
+    return replace(backbone, model=model, feature_dim=int(output.shape[-1]), layer=layer)
+
+
+def _layer_examples(backbone: Backbone) -> list[str]:
+    """Layer names worth pooling: Inception's mixed blocks, EfficientNet-Lite's block outputs."""
+    prefixes = ("mixed", "stem_activation", "head_activation")
+    names = [layer.name for layer in backbone.model.layers]
+    chosen = [n for n in names if n.startswith(prefixes) or n.endswith(("_project_bn", "_add"))]
+    return [*chosen[:3], "...", *chosen[-3:]] if len(chosen) > 6 else chosen
+
+
+def _stages(model: keras.Model, layers: list[keras.layers.Layer]) -> keras.Model:
+    return keras.Model(model.input, [layer.output for layer in layers], name="stages")
 
 
 def _efficientnet_lite(name: str, weights: str) -> Backbone:
@@ -64,6 +102,10 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
         state = load_legacy_state_dict(path)
         source = f"imagenet:{path.name}"
     model = efficientnet_lite.build_efficientnet_lite(name, state)
+    pyramid = efficientnet_lite.stage_output_layers(name)
+    # Early to late, like the original Inception pictures: strides 2, 4, 8 and 16.
+    stage_layers = ["stem_activation", pyramid[1], pyramid[2], pyramid[4]]
+    stages = _stages(model, [model.get_layer(name) for name in stage_layers])
     return Backbone(
         name,
         model,
@@ -71,6 +113,9 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
         efficientnet_lite.FEATURE_DIM,
         efficientnet_lite.normalize,
         source,
+        layer="head_activation",
+        stages=stages,
+        stage_names=tuple(stage_layers),
     )
 
 
@@ -87,4 +132,7 @@ def _inception(weights: str) -> Backbone:
         inception.FEATURE_DIM,
         inception.normalize,
         source,
+        layer="mixed10",
+        stages=_stages(model, inception.stage_layers(model)),
+        stage_names=inception.STAGE_NAMES,
     )

@@ -11,6 +11,9 @@ import tensorflow as tf
 NAME = "inception_v3"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+#: The original post's four stages, named as in the frozen graph: 32 maps of 149x149, 32 of
+#: 147x147, 288 of 35x35, 768 of 17x17.
+STAGE_NAMES = ("conv", "conv_1", "mixed_2", "mixed_7")
 WEIGHTS_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_URL = (
     "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + WEIGHTS_FILE
@@ -24,6 +27,13 @@ class WeightsUnavailableError(RuntimeError):
 def normalize(images: tf.Tensor) -> tf.Tensor:
     """RGB 0..255 -> [-1, 1], as Keras' Inception v3 was trained."""
     return images / 127.5 - 1.0
+
+
+def stage_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The Keras layers of STAGE_NAMES. Keras numbers its unnamed activations per process, so
+    the first two convolutions' activations are found by position, not by name."""
+    activations = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    return [activations[0], activations[1], model.get_layer("mixed2"), model.get_layer("mixed7")]
 
 
 def build_inception_v3(weights: str) -> keras.Model:

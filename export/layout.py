@@ -6,10 +6,12 @@ Kept free of TensorFlow so that the serving process can read it cheaply.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SIGNATURE = "serving_default"
+#: A second signature: encoded images -> the feature maps of four stages (`stage1`..`stage4`).
+FEATURE_MAPS_SIGNATURE = "feature_maps"
 INPUT_KEY = "images"
 OUTPUT_KEY = "features"
 #: TF Serving replays these requests when it loads a version, so the first real call is fast.
@@ -26,6 +28,10 @@ class ExportedModelInfo:
     input_size: int
     feature_dim: int
     weights: str
+    #: The layer average-pooled into the features.
+    layer: str = ""
+    #: Names of the stages the `feature_maps` signature returns, early to late.
+    stages: list[str] = field(default_factory=list)
     signature: str = SIGNATURE
     input_key: str = INPUT_KEY
     output_key: str = OUTPUT_KEY

@@ -19,6 +19,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from export.backbones import Backbone
 from export.layout import (
+    FEATURE_MAPS_SIGNATURE,
     INPUT_KEY,
     MODEL_INFO_FILE,
     OUTPUT_KEY,
@@ -52,6 +53,7 @@ class FeatureModule(tf.Module):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(name=backbone.name)
         self.model = backbone.model
+        self.stages = backbone.stages
         self._size = backbone.input_size
         self._normalize = backbone.normalize
 
@@ -60,6 +62,18 @@ class FeatureModule(tf.Module):
         pixels = self._normalize(decode_batch(images, self._size))
         features = tf.cast(self.model(pixels, training=False), tf.float32)
         return {OUTPUT_KEY: features}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
+    def feature_maps(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels = self._normalize(decode_batch(images, self._size))
+        maps = self.stages(pixels, training=False)
+        return {f"stage{i}": tf.cast(m, tf.float32) for i, m in enumerate(maps, start=1)}
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        signatures = {SIGNATURE: self.serve}
+        if self.stages is not None:
+            signatures[FEATURE_MAPS_SIGNATURE] = self.feature_maps
+        return signatures
 
 
 def export_backbone(
@@ -86,11 +100,13 @@ def export_backbone(
         input_size=backbone.input_size,
         feature_dim=backbone.feature_dim,
         weights=backbone.weights,
+        layer=backbone.layer,
+        stages=list(backbone.stage_names),
     )
     staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
         module = FeatureModule(backbone)
-        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _write_assets_extra(staging, name, info)
         _make_readable(staging)
         os.rename(staging, final)

@@ -104,6 +104,7 @@ async def test_model_info_describes_both_models(stub, demo, trained) -> None:
     assert info.HasField("holdout_accuracy")
     assert info.holdout_accuracy == pytest.approx(trained.report["holdout"]["accuracy"])
     assert info.feature_backend == "embedded"
+    assert info.feature_layer == "head_activation"
 
 
 async def test_message_above_the_receive_limit_is_resource_exhausted(stub, settings) -> None:

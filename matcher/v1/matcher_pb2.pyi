@@ -53,7 +53,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend")
+    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer")
     class ClassifierParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ModelInfo(_message.Message):
     HOLDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FEATURE_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYER_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
     input_size: int
@@ -79,4 +80,5 @@ class ModelInfo(_message.Message):
     holdout_accuracy: float
     model: ModelIdentity
     feature_backend: str
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ...) -> None: ...
+    feature_layer: str
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ...) -> None: ...
