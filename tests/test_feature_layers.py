@@ -46,7 +46,7 @@ def test_inception_stages_are_the_original_four() -> None:
 
 
 def test_an_unknown_layer_names_some_that_exist() -> None:
-    with pytest.raises(ExportError, match="has no layer 'nope'; e.g. stem_activation"):
+    with pytest.raises(ExportError, match=r"has no layer 'nope'; e\.g\. stem_activation"):
         build_backbone("efficientnet_lite0", "random", layer="nope")
 
 
