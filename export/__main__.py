@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_BASE_PATH = Path("models/backbones")
+#: What --frozen-graph exports (export.inception.NAME, spelt out to keep TensorFlow unimported).
+FROZEN_GRAPH_BACKBONE = "inception_v3"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,6 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="imagenet (default), a local weights file (inception_v3), or random (tests only)",
     )
     parser.add_argument(
+        "--layer",
+        help="average-pool the features from this layer (default: the last), e.g. mixed7",
+    )
+    parser.add_argument(
+        "--frozen-graph",
+        type=Path,
+        metavar="PATH",
+        help="convert TensorFlow's 2015 Inception v3 classify_image_graph_def.pb (its pool_3 "
+        "features) instead of building a backbone; see export/frozen_graph.py",
+    )
+    parser.add_argument(
         "--base-path",
         type=Path,
         default=DEFAULT_BASE_PATH,
@@ -38,12 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do nothing when the model already has a version (used by `make run`)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.frozen_graph is not None:
+        # The frozen graph fixes the network, its weights and its features: nothing to choose.
+        chosen = args.weights != parser.get_default("weights") or args.layer
+        if chosen or args.backbone not in (parser.get_default("backbone"), FROZEN_GRAPH_BACKBONE):
+            parser.error("--frozen-graph takes no --weights or --layer, and no other --backbone")
+        args.backbone = FROZEN_GRAPH_BACKBONE
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Our own output is printed; libraries (TensorFlow, matplotlib) only speak up on problems.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from export.layout import versions
 
     model_dir = args.base_path / (args.model_name or args.backbone)
@@ -55,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from export.savedmodel import export_backbone
 
     try:
-        backbone = build_backbone(args.backbone, args.weights)
+        if args.frozen_graph is not None:
+            from export.frozen_graph import build_frozen_graph_backbone
+
+            backbone = build_frozen_graph_backbone(args.frozen_graph)
+        else:
+            backbone = build_backbone(args.backbone, args.weights, args.layer)
         exported = export_backbone(backbone, args.base_path, args.model_name, args.version)
     except (ExportError, FileExistsError, OSError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
@@ -63,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     info = exported.info
     print(
         f"exported {info.backbone} ({info.weights}) -> {exported.path} "
-        f"[input {info.input_size}px, {info.feature_dim} features]"
+        f"[input {info.input_size}px, {info.feature_dim} features from {info.layer}]"
     )
     return 0
 
