@@ -19,13 +19,14 @@ IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train run serve match test check format bench clean
+.PHONY: help setup proto export demo train report run serve match test check format bench clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
 	@echo "make test     run the test suite"
 	@echo "make export   BACKBONE=... WEIGHTS=imagenet|PATH|random"
-	@echo "make train    DATA=folder-of-label-folders"
+	@echo "make train    DATA=folder-of-label-folders (writes the classifier and its HTML report)"
+	@echo "make report   [RUN=models/classifiers/$(BACKBONE)] [REPORT_IMAGE=photo.jpg]: redraw the report"
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
@@ -54,6 +55,10 @@ demo: $(INSTALLED)
 train: export
 	$(if $(filter $(DEMO)/train,$(DATA)),$(MAKE) demo)
 	$(PY) -m train $(DATA) --out $(CLASSIFIER_DIR) --model-dir $(MODEL_DIR)
+
+RUN ?= $(CLASSIFIER_DIR)
+report: $(INSTALLED)
+	$(PY) -m train.visual_report $(RUN) $(if $(REPORT_IMAGE),--image $(REPORT_IMAGE))
 
 # The demo classifier is trained only when none exists for this backbone.
 $(CLASSIFIER):

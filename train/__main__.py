@@ -9,6 +9,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.backends.base import FeatureBackend
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,8 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0"),
-        help="where classifier.joblib and report.json go (%(default)s)",
+        help="where classifier.joblib, report.json and report/ go "
+        "(default: models/classifiers/<model folder name>, or models/classifiers/hog)",
     )
     parser.add_argument(
         "--backend",
@@ -59,6 +63,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
     parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--features",
+        choices=("cnn", "hog"),
+        default="cnn",
+        help="cnn: the backbone through --backend (default); hog: the HoG baseline (its "
+        "classifier is for comparison, the service serves CNN features only)",
+    )
+    parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the HoG baselines on the same split (the report's comparison table)",
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the HTML report and its pictures"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.folds < 2 or not 0 < args.holdout < 1:
         parser.error("need --batch-size >= 1, --folds >= 2 and 0 < --holdout < 1")
@@ -68,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter
     from service.config import Settings
     from service.errors import MatcherError
     from service.server import make_backend
@@ -81,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         model_name=args.model_name,
         tfserving_target=args.tfserving_target,
     )
+    default_out = Path("models/classifiers") / (
+        args.model_dir.name if args.features == "cnn" else "hog"
+    )
     config = TrainConfig(
         data=args.data,
-        out=args.out,
+        out=args.out or default_out,
         cache_dir=None if args.no_cache else args.cache_dir,
         batch_size=args.batch_size,
         folds=args.folds,
@@ -91,14 +114,27 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         jobs=args.jobs,
         progress=not args.no_progress,
+        baselines=args.features == "cnn" and not args.no_baselines,
+        model_dir=args.model_dir if args.features == "cnn" and args.backend == "embedded" else None,
     )
     try:
-        result = train(config, make_backend(settings))
+        backend = make_backend(settings) if args.features == "cnn" else _hog_backend()
+        result = train(config, backend)
+        if not args.no_report:
+            from train.visual_report import write_visual_report
+
+            print(f"report: {write_visual_report(result.report_path.parent)}")
     except (DatasetError, MatcherError, OSError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {result.classifier_path} and {result.report_path}")
     return 0
+
+
+def _hog_backend() -> FeatureBackend:
+    from train.hog import HogBackend
+
+    return HogBackend()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from train.svm import best_params, grid_search
 log = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.joblib"
+#: Every image's features, label, path and split, for the report's pictures.
+FEATURES_FILE = "features.npz"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class TrainConfig:
     seed: int = 0
     jobs: int = -1
     progress: bool = True
+    #: Also evaluate the HoG baselines on the same split, for the report's comparison.
+    baselines: bool = False
+    #: The SavedModel base path the features came from (recorded for the report's pictures).
+    model_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -60,20 +66,37 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         log.warning("skipped %s: %s", path, why)
     labels = [dataset.labels[i] for i in extraction.kept]
     _check_enough(labels)
-    x_train, x_test, y_train, y_test = train_test_split(
-        extraction.features,
-        labels,
+    kept_paths = [dataset.paths[i] for i in extraction.kept]
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)),
         test_size=config.holdout,
         stratify=labels,
         random_state=config.seed,
     )
+    x_train, x_test = extraction.features[train_idx], extraction.features[test_idx]
+    y_train = [labels[i] for i in train_idx]
+    y_test = [labels[i] for i in test_idx]
     started = time.perf_counter()
     search = grid_search(x_train, y_train, config.folds, config.jobs, config.seed)
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
-    holdout = holdout_metrics(names, list(y_test), list(search.predict(x_test)))
+    holdout = holdout_metrics(names, y_test, list(search.predict(x_test)))
     classifier_path = _save(search.best_estimator_, config.out / CLASSIFIER_FILE)
     sha256 = file_sha256(classifier_path)
+    save_features(
+        config.out / FEATURES_FILE,
+        extraction.features,
+        labels,
+        [str(p.relative_to(config.data)) for p in kept_paths],
+        test_idx,
+    )
+    baselines = None
+    if config.baselines:
+        from train.baselines import compare_methods
+
+        baselines = compare_methods(
+            kept_paths, labels, train_idx, test_idx, backend, search.best_estimator_, config
+        )
     report = build_report(
         data={
             "root": str(config.data),
@@ -83,6 +106,7 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
             "rejected": {str(p): why for p, why in extraction.rejected.items()},
             "features_computed": extraction.computed,
             "features_cached": len(extraction.kept) - extraction.computed,
+            "features_file": FEATURES_FILE,
         },
         backbone=info,
         backend=backend.kind,
@@ -92,6 +116,10 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         classifier_sha256=sha256,
         classifier_type="CalibratedClassifierCV(SVC)",
     )
+    report["backbone"]["model_dir"] = str(config.model_dir) if config.model_dir else None
+    report["backbone"]["layer"] = info.layer
+    if baselines is not None:
+        report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
     from train.report import write_report
 
@@ -132,6 +160,21 @@ def _print_summary(report: dict[str, Any], holdout: dict[str, Any], params: dict
         f"hold-out accuracy: {holdout['accuracy']:.3f} "
         f"({report['data']['holdout']} images); classifier sha256 "
         f"{report['classifier']['sha256']}"
+    )
+
+
+def save_features(
+    path: Path, features: np.ndarray, labels: list[str], paths: list[str], holdout: np.ndarray
+) -> None:
+    """Write the run's features with their labels, file paths and held-out flags."""
+    is_holdout = np.zeros(len(labels), dtype=bool)
+    is_holdout[holdout] = True
+    np.savez_compressed(
+        path,
+        features=features.astype(np.float32),
+        labels=np.asarray(labels),
+        paths=np.asarray(paths),
+        holdout=is_holdout,
     )
 
 
