@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ start-up chatter is not ours to show; TF_CPP_MIN_LOG_LEVEL=0 shows it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
     # Our own output is printed; libraries (TensorFlow, matplotlib) only speak up on problems.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

@@ -56,6 +56,12 @@ class FeatureModule(tf.Module):
         self.stages = backbone.stages
         self._size = backbone.input_size
         self._normalize = backbone.normalize
+        if backbone.stages is not None:
+            # Only a backbone with stages gets the signature (saving traces every tf.function).
+            self.feature_maps = tf.function(
+                self._feature_maps,
+                input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
+            )
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
     def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -63,8 +69,7 @@ class FeatureModule(tf.Module):
         features = tf.cast(self.model(pixels, training=False), tf.float32)
         return {OUTPUT_KEY: features}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
-    def feature_maps(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _feature_maps(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         pixels = self._normalize(decode_batch(images, self._size))
         maps = self.stages(pixels, training=False)
         return {f"stage{i}": tf.cast(m, tf.float32) for i, m in enumerate(maps, start=1)}

@@ -421,7 +421,12 @@ def test_animated_gif_gives_its_first_frame(lite0: Signature) -> None:
 def test_inception_random_export(inception_random: ExportedModel) -> None:
     assert inception_random.path == inception_random.path.parent.parent / "inception_v3" / "1"
     assert read_model_info(inception_random.path) == ExportedModelInfo(
-        backbone="inception_v3", input_size=299, feature_dim=2048, weights="random"
+        backbone="inception_v3",
+        input_size=299,
+        feature_dim=2048,
+        weights="random",
+        layer="mixed10",
+        stages=["conv", "conv_1", "mixed_2", "mixed_7"],
     )
     signature = tf.saved_model.load(str(inception_random.path)).signatures[SIGNATURE]
     assert signature.structured_outputs[OUTPUT_KEY].shape.as_list() == [None, 2048]
