@@ -736,6 +736,7 @@ def _write_files(out_dir: Path, page: str, pictures: Sequence[Picture]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     parser = argparse.ArgumentParser(
         prog="python -m train.visual_report",
         description="Write a training run's report as one HTML page with its PNGs beside it.",
