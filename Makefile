@@ -30,7 +30,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
-	@echo "make bench    extraction speed: one image per call vs batches"
+	@echo "make bench    extraction speed, the service under load beside the model's ceiling, start-up"
 
 setup: $(INSTALLED)
 
@@ -86,9 +86,14 @@ format: $(INSTALLED)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Figures, printed and written to build/bench-*.json (see each script's docstring).
 bench: export demo
+	$(MAKE) $(CLASSIFIER)
 	mkdir -p build
 	$(PY) -m bench.extract --model-dir $(MODEL_DIR) --images $(DEMO)/train --json build/bench-extract.json
+	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
+	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
+		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
 
 clean:
 	rm -rf models data cache

@@ -1,0 +1,150 @@
+"""The service under load, beside the model's own ceiling, measured in one run.
+
+First the model alone (the embedded backend in this process, no gRPC): the time of one
+single-image call and the best images/s over batch sizes. Then the real server as its own
+process, driven by bench/load.py at each concurrency: requests/s and p50/p95/p99, as ratios
+to those two figures.
+
+    .venv/bin/python -m bench.service --model-dir models/backbones/efficientnet_lite0 \
+        --classifier models/classifiers/efficientnet_lite0/classifier.joblib \
+        --image deploy/ghz/chelsea.jpg [--concurrency 1,4,16,64] [--total 300] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.load import LoadConfig, run_load
+from bench.startup import free_port, wait_serving
+
+BATCH_SIZES = (1, 8, 16, 32)
+
+
+def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, float]:
+    """One-image call time (median) and the best images/s of the model alone."""
+    from service.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(model_dir)
+    backend.load()
+    single = []
+    for _ in range(20):
+        started = time.perf_counter()
+        backend.features([image])
+        single.append(time.perf_counter() - started)
+    rates = {}
+    for size in BATCH_SIZES:
+        batch = [image] * size
+        backend.features(batch)  # trace this shape once
+        best = min(_timed(lambda b=batch: backend.features(b)) for _ in range(repeats))
+        rates[size] = size / best
+    best_size = max(rates, key=rates.__getitem__)
+    return {
+        "single_call_ms": 1000 * statistics.median(single),
+        "ceiling_img_s": rates[best_size],
+        "ceiling_batch": best_size,
+        **{f"batch_{size}_img_s": rate for size, rate in rates.items()},
+    }
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def service_levels(
+    flags: list[str], image: bytes, levels: list[int], total: int
+) -> list[dict[str, float]]:
+    """Start the server with `flags`, then load it at each concurrency."""
+    port = free_port()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), *flags],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        target = f"localhost:{port}"
+        wait_serving(target, 300)
+        rows = []
+        for concurrency in levels:
+            config = LoadConfig(
+                target=target,
+                images=(image,),
+                insecure=True,
+                concurrency=concurrency,
+                total=max(total, 4 * concurrency),
+            )
+            asyncio.run(run_load(config))  # warm-up pass at this concurrency, not reported
+            report = asyncio.run(run_load(config))
+            percentiles = dict(report.latency_distribution)
+            rows.append(
+                {
+                    "concurrency": concurrency,
+                    "rps": report.rps,
+                    "p50_ms": percentiles[50] / 1e6,
+                    "p95_ms": percentiles[95] / 1e6,
+                    "p99_ms": percentiles[99] / 1e6,
+                    "errors": report.count - len(report.ok_latencies_ns),
+                }
+            )
+        return rows
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__)
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models/backbones/efficientnet_lite0")
+    )
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        default=Path("models/classifiers/efficientnet_lite0/classifier.joblib"),
+    )
+    parser.add_argument("--image", type=Path, default=Path("deploy/ghz/chelsea.jpg"))
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--total", type=int, default=300, help="requests per level (300)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    image = args.image.read_bytes()
+    ceiling = model_ceiling(args.model_dir, image)
+    gc.collect()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    flags = ["--model-dir", str(args.model_dir), "--classifier", str(args.classifier)]
+    rows = service_levels(flags, image, levels, args.total)
+    print(
+        f"model alone: one image {ceiling['single_call_ms']:.1f} ms; ceiling "
+        f"{ceiling['ceiling_img_s']:.1f} img/s at batch {ceiling['ceiling_batch']}"
+    )
+    print(
+        f"{'conc':>4} {'req/s':>7} {'/ceiling':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+        f" {'p50/single':>10} {'errors':>6}"
+    )
+    for row in rows:
+        print(
+            f"{row['concurrency']:>4} {row['rps']:>7.1f} "
+            f"{row['rps'] / ceiling['ceiling_img_s']:>8.2f} {row['p50_ms']:>8.1f} "
+            f"{row['p95_ms']:>8.1f} {row['p99_ms']:>8.1f} "
+            f"{row['p50_ms'] / ceiling['single_call_ms']:>10.2f} {row['errors']:>6}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"model": ceiling, "service": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
