@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest image width or height accepted, pixels (header check).",
     )
+    max_image_pixels: int = Field(
+        50_000_000,
+        gt=0,
+        description="Largest width x height accepted (header check): bounds decode memory.",
+    )
     min_image_side: int = Field(
         16, gt=0, description="Smallest image width or height accepted, pixels."
     )

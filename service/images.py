@@ -11,12 +11,16 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from service.errors import InvalidImageError
+from service.gif_frames import GifStructureError, largest_frame
 
-#: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+#: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
+#: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+#: BMP pixel modes the decoder gets wrong: it reads palette indices as grey levels.
+_PALETTE_MODES = ("P", "1")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class ImageLimits:
 
     min_side: int = 16
     max_side: int = 10_000
+    #: Width x height; each side within limits can still mean a 100-megapixel decode.
+    max_pixels: int = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class ImageHeader:
     format: str
     width: int
     height: int
+    mode: str = ""
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
@@ -48,8 +55,22 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
         raise InvalidImageError(
             f"unsupported image format {header.format}; send JPEG, PNG, GIF or BMP"
         )
+    if header.format == "BMP" and header.mode in _PALETTE_MODES:
+        raise InvalidImageError(
+            "palette and 1-bit BMP images are not supported; send a 24-bit BMP, PNG or JPEG"
+        )
+    if header.format == "GIF":
+        header = _with_largest_frame(header, data)
     _check_size(header, limits)
     return header
+
+
+def _with_largest_frame(header: ImageHeader, data: bytes) -> ImageHeader:
+    try:
+        width, height = largest_frame(data)
+    except GifStructureError as exc:
+        raise InvalidImageError(f"GIF structure is broken: {exc}") from exc
+    return ImageHeader(header.format, width, height, header.mode)
 
 
 def _read_header(data: bytes) -> ImageHeader:
@@ -59,10 +80,13 @@ def _read_header(data: bytes) -> ImageHeader:
             # limits below are ours and stricter, so only its hard error matters here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                return ImageHeader(image.format or "unknown", image.width, image.height)
+                fmt = image.format or "unknown"
+                return ImageHeader(fmt, image.width, image.height, image.mode)
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image dimensions are far above the size limit: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:
+        # Pillow tries every reader it has on unknown bytes, and some raise whatever they
+        # raise (NotImplementedError, AttributeError, OverflowError): all mean "not an image".
         raise InvalidImageError(
             f"bytes are not a recognised image ({len(data)} bytes); send JPEG, PNG, GIF or BMP"
         ) from exc
@@ -73,6 +97,11 @@ def _check_size(header: ImageHeader, limits: ImageLimits) -> None:
     if max(header.width, header.height) > limits.max_side:
         raise InvalidImageError(
             f"image is {size} pixels; the limit is {limits.max_side} pixels a side"
+        )
+    if header.width * header.height > limits.max_pixels:
+        raise InvalidImageError(
+            f"image is {size} pixels ({header.width * header.height / 1e6:.0f} megapixels); "
+            f"the limit is {limits.max_pixels / 1e6:.0f} megapixels"
         )
     if min(header.width, header.height) < limits.min_side:
         raise InvalidImageError(

@@ -60,7 +60,11 @@ def make_core(settings: Settings, backend: FeatureBackend | None = None) -> Matc
     return MatcherCore(
         backend or make_backend(settings),
         functools.partial(Classifier.load, settings.classifier, settings.classifier_sha256),
-        ImageLimits(min_side=settings.min_image_side, max_side=settings.max_image_side),
+        ImageLimits(
+            min_side=settings.min_image_side,
+            max_side=settings.max_image_side,
+            max_pixels=settings.max_image_pixels,
+        ),
         BatchingOptions(
             max_batch_size=settings.batch_max_size,
             timeout_s=settings.batch_timeout_s,
