@@ -1,4 +1,17 @@
-"""Features for a list of image files, through a feature backend, in batches, cached.
+"""Features for a list of image files, through a feature backend: a prefetching pipeline.
+
+Three stages run at once, so the model is never left waiting on the disk:
+
+1. Readers (a small thread pool) read each file, hash it, look it up in the cache and check its
+   header, `prefetch * batch_size` files ahead of the model, in input order.
+2. A prefetch thread groups what the readers found into batches and queues up to `prefetch`
+   of them.
+3. The calling thread runs the model on one batch at a time (TensorFlow releases the GIL, so
+   stages 1 and 2 keep going meanwhile) and appends the kept rows, in input order, to a sink:
+   a `.npy` opened as a memory map when `out` is given, else an array in memory.
+
+Memory therefore depends on the batch size and the prefetch depth, not on the number of images:
+a run over 50,000 files holds a few batches of encoded bytes, and its features live on disk.
 
 Features are cached per model and per file content (sha256), so a rerun, a renamed file or a
 second copy of a photo costs nothing.
@@ -6,9 +19,16 @@ second copy of a photo costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +41,16 @@ from service.images import ImageLimits, inspect_image
 
 log = logging.getLogger(__name__)
 
+#: Batches read ahead of the one the model is running on. Two keep the model fed when reading
+#: a batch takes up to twice as long as running it, at the cost of two batches of bytes in RAM.
+DEFAULT_PREFETCH = 2
+#: Threads reading files. Reading, hashing and header checks mostly run outside the GIL, and
+#: on a slow disk several reads in flight hide its latency.
+DEFAULT_READERS = 2
+
 
 class FeatureCache:
-    """One .npy file per (model, image content) under `root/<model key>/`."""
+    """One .npy file per (model, image content) under `root/<model key>/ab/<sha256>.npy`."""
 
     def __init__(self, root: Path, model_key: str) -> None:
         self.dir = root / model_key
@@ -32,25 +59,51 @@ class FeatureCache:
         return self.dir / digest[:2] / f"{digest}.npy"
 
     def get(self, digest: str) -> np.ndarray | None:
+        """The cached features of the image with this sha256, or None."""
         path = self._path(digest)
-        return np.load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as exc:
+            # Entries are written atomically, so this is damage from outside: recompute.
+            log.warning("ignoring unreadable cache entry %s: %s", path, exc)
+            return None
 
     def put(self, digest: str, features: np.ndarray) -> None:
+        """Store the features of the image with this sha256."""
         path = self._path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, features.astype(np.float32))
+        # A unique temporary name: two copies of one photo in a run may be written at once.
+        tmp = path.with_name(f"{digest}.{uuid.uuid4().hex}.tmp.npy")
+        np.save(tmp, np.asarray(features, dtype=np.float32))
         tmp.replace(path)  # atomic: an interrupted run never leaves a torn entry
+
+    def put_many(self, digests: Sequence[str], rows: np.ndarray) -> None:
+        """Store one row of `rows` per digest."""
+        for digest, row in zip(digests, rows, strict=True):
+            self.put(digest, row)
 
 
 @dataclass(frozen=True)
 class Extraction:
-    """Features of the images that could be read, and the paths that could not."""
+    """Features of the images that could be read, and the paths that could not.
+
+    `features[j]` belongs to `paths[kept[j]]`; rows keep the input order. With `out`, the
+    features are a read-only memory map of that file, so they need not fit in memory.
+    """
 
     features: np.ndarray
     kept: list[int]
     rejected: dict[Path, str]
     computed: int
+    #: The `.npy` holding `features` (None when they are in memory).
+    out: Path | None = None
+
+
+def kept_mask_path(out: Path) -> Path:
+    """Where `extract_features(..., out=out)` writes its kept mask (bool [len(paths)])."""
+    return out.with_name(f"{out.stem}.kept.npy")
 
 
 def extract_features(
@@ -60,65 +113,293 @@ def extract_features(
     batch_size: int = 32,
     limits: ImageLimits | None = None,
     progress: bool = True,
+    *,
+    out: Path | None = None,
+    prefetch: int = DEFAULT_PREFETCH,
+    readers: int = DEFAULT_READERS,
 ) -> Extraction:
-    """Features for `paths` in order; unreadable images are skipped and reported."""
+    """Features for `paths` in order; unreadable images are skipped and reported.
+
+    The backend sees batches of up to `batch_size` encoded images while the next batches are
+    read. With `out` (a `.npy` path), features are streamed to that file and returned as a
+    memory map of it, and `kept_mask_path(out)` marks which paths have a row; the file appears
+    only once the run is complete. The progress bar counts images per second.
+    """
+    if batch_size < 1 or prefetch < 1 or readers < 1:
+        raise ValueError("batch_size, prefetch and readers must be at least 1")
     limits = limits or ImageLimits()
-    found: dict[int, np.ndarray] = {}
-    rejected: dict[Path, str] = {}
-    pending: list[tuple[int, str, bytes]] = []
-    computed = 0
-    bar = tqdm(total=len(paths), unit="img", desc="features", disable=not progress)
-    for index, path in enumerate(paths):
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        cached = cache.get(digest) if cache else None
-        if cached is not None:
-            found[index] = cached
-            bar.update(1)
-            continue
-        try:
-            inspect_image(data, limits)
-        except InvalidImageError as exc:
-            rejected[path] = str(exc)
-            bar.update(1)
-            continue
-        pending.append((index, digest, data))
-        if len(pending) == batch_size:
-            computed += _run_batch(pending, backend, cache, found, rejected, paths, bar)
-            pending = []
-    if pending:
-        computed += _run_batch(pending, backend, cache, found, rejected, paths, bar)
-    bar.close()
-    kept = sorted(found)
-    dim = backend.info.feature_dim
-    matrix = np.stack([found[i] for i in kept]) if kept else np.zeros((0, dim), np.float32)
-    return Extraction(matrix.astype(np.float32), kept, rejected, computed)
-
-
-def _run_batch(
-    batch: list[tuple[int, str, bytes]],
-    backend: FeatureBackend,
-    cache: FeatureCache | None,
-    found: dict[int, np.ndarray],
-    rejected: dict[Path, str],
-    paths: Sequence[Path],
-    bar: tqdm,
-) -> int:
+    sink = _Sink(out, len(paths), backend.info.feature_dim)
+    run = _Run(paths, backend, cache, sink)
     try:
-        features = backend.features([data for _, _, data in batch])
-    except InvalidImageError:
-        if len(batch) == 1:
-            index = batch[0][0]
-            rejected[paths[index]] = "could not be decoded"
-            bar.update(1)
-            return 0
-        # One bad file fails the whole batch: find it by running the images one at a time.
-        return sum(
-            _run_batch([item], backend, cache, found, rejected, paths, bar) for item in batch
+        with (
+            ThreadPoolExecutor(readers, thread_name_prefix="features-read") as pool,
+            tqdm(total=len(paths), unit="img", desc="features", disable=not progress) as bar,
+        ):
+            scanned = _scan(paths, cache, limits, pool, window=prefetch * batch_size)
+            with _Prefetch(_batches(scanned, batch_size), prefetch) as batches:
+                for batch in batches:
+                    run.consume(batch, pool)
+                    bar.update(len(batch))
+            run.wait_for_cache_writes()
+    except BaseException:
+        sink.abort()
+        raise
+    features = sink.finish(run.kept)
+    return Extraction(features, run.kept, run.rejected, run.computed, out)
+
+
+@dataclass
+class _Scanned:
+    """One file after reading: exactly one of `data` (to compute), `row`, `error` is set."""
+
+    index: int
+    digest: str = ""
+    data: bytes | None = None
+    row: np.ndarray | None = None
+    error: str | None = None
+
+
+def _scan_one(index: int, path: Path, cache: FeatureCache | None, limits: ImageLimits) -> _Scanned:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return _Scanned(index, error=f"could not be read: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    row = cache.get(digest) if cache else None
+    if row is not None:
+        return _Scanned(index, digest, row=row)
+    try:
+        inspect_image(data, limits)
+    except InvalidImageError as exc:
+        return _Scanned(index, digest, error=str(exc))
+    return _Scanned(index, digest, data=data)
+
+
+def _scan(
+    paths: Sequence[Path],
+    cache: FeatureCache | None,
+    limits: ImageLimits,
+    pool: ThreadPoolExecutor,
+    window: int,
+) -> Iterator[_Scanned]:
+    """Every file scanned by the pool, in input order, at most `window` files ahead."""
+    ahead: deque[Future[_Scanned]] = deque()
+    try:
+        for index, path in enumerate(paths):
+            ahead.append(pool.submit(_scan_one, index, path, cache, limits))
+            if len(ahead) >= window:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        for future in ahead:  # stopped early: do not read what nobody will use
+            future.cancel()
+
+
+def _batches(scanned: Iterable[_Scanned], batch_size: int) -> Iterator[list[_Scanned]]:
+    """Consecutive runs of scanned files holding `batch_size` to compute (fewer at the end).
+
+    A run also closes after `batch_size` files that need no model call (cached or rejected),
+    so a mostly cached folder still moves the progress bar and holds little in memory.
+    """
+    batch: list[_Scanned] = []
+    to_compute = 0
+    for item in scanned:
+        batch.append(item)
+        to_compute += item.data is not None
+        if to_compute == batch_size or len(batch) - to_compute == batch_size:
+            yield batch
+            batch, to_compute = [], 0
+    if batch:
+        yield batch
+
+
+class _Failed:
+    """An exception raised in the prefetch thread, to be raised again in the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+class _Prefetch:
+    """Runs an iterator in a thread, up to `depth` items ahead of the consumer."""
+
+    def __init__(self, source: Iterator, depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(source,), name="features-prefetch", daemon=True
         )
-    for (index, digest, _), row in zip(batch, features, strict=True):
-        found[index] = row
-        if cache:
-            cache.put(digest, row)
-    bar.update(len(batch))
-    return len(batch)
+
+    def __enter__(self) -> Iterator:
+        self._thread.start()
+        return self._drain()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # free a producer blocked on a full queue
+                self._queue.get_nowait()
+        self._thread.join()
+
+    def _drain(self) -> Iterator:
+        while (item := self._queue.get()) is not _DONE:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def _fill(self, source: Iterator) -> None:
+        # Closed here, in the thread that runs it: closing stops the readers' look-ahead.
+        with contextlib.closing(source):
+            try:
+                for item in source:
+                    if not self._put(item):
+                        return
+            except BaseException as exc:
+                self._put(_Failed(exc))
+                return
+        self._put(_DONE)
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` unless the consumer has gone; False when it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class _Sink:
+    """Kept rows, appended in input order, in memory or in a `.npy` memory map."""
+
+    def __init__(self, out: Path | None, rows: int, dim: int) -> None:
+        self._out = out
+        self._total = rows
+        self._dim = dim
+        self.count = 0
+        if out is None:
+            self._partial = None
+            self._array: np.ndarray = np.empty((rows, dim), np.float32)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # Written under another name: a file at `out` is always a complete run.
+            self._partial = out.with_name(f"{out.name}.partial")
+            self._array = np.lib.format.open_memmap(
+                self._partial, mode="w+", dtype=np.float32, shape=(rows, dim)
+            )
+
+    def append(self, block: np.ndarray) -> None:
+        self._array[self.count : self.count + len(block)] = block
+        self.count += len(block)
+
+    def finish(self, kept: list[int]) -> np.ndarray:
+        """The kept rows: a view in memory, or the finished file mapped read-only."""
+        if self._out is None:
+            return self._array[: self.count]
+        self._array.flush()
+        offset = self._array.offset
+        del self._array  # unmapped before the file shrinks below the mapping
+        _truncate_npy(self._partial, self.count, self._dim, offset)
+        mask = np.zeros(self._total, dtype=bool)
+        mask[kept] = True
+        np.save(kept_mask_path(self._out), mask)
+        os.replace(self._partial, self._out)
+        return np.load(self._out, mmap_mode="r")
+
+    def abort(self) -> None:
+        if self._partial is not None:
+            self.__dict__.pop("_array", None)
+            self._partial.unlink(missing_ok=True)
+
+
+def _truncate_npy(path: Path, rows: int, dim: int, offset: int) -> None:
+    """Make a float32 [N, dim] `.npy` (version 1.0 header) hold only its first `rows` rows.
+
+    The header is rewritten in place at its old length (fewer rows never need more digits), so
+    the data stays where it is and the file is cut after the last kept row.
+    """
+    descr = np.lib.format.dtype_to_descr(np.dtype(np.float32))
+    text = repr({"descr": descr, "fortran_order": False, "shape": (rows, dim)})
+    prefix = 10  # magic (6), version (2), header length (2)
+    with path.open("r+b") as file:
+        if np.lib.format.read_magic(file) != (1, 0):
+            raise ValueError(f"{path}: expected a version 1.0 .npy header")
+        size = offset - prefix
+        file.seek(prefix)
+        file.write(text.ljust(size - 1).encode("latin1") + b"\n")
+        file.truncate(offset + rows * dim * np.dtype(np.float32).itemsize)
+
+
+class _Run:
+    """What the consumer (the calling thread) keeps: counts, rejections and the sink."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        backend: FeatureBackend,
+        cache: FeatureCache | None,
+        sink: _Sink,
+    ) -> None:
+        self.paths = paths
+        self.backend = backend
+        self.cache = cache
+        self.sink = sink
+        self.kept: list[int] = []
+        self.rejected: dict[Path, str] = {}
+        self.computed = 0
+        self._writes: deque[Future[None]] = deque()
+
+    def consume(self, batch: list[_Scanned], pool: ThreadPoolExecutor) -> None:
+        """Run the model on the batch's new images and append its kept rows to the sink."""
+        ok, features, failed = _infer(self.backend, [i for i in batch if i.data is not None])
+        computed = dict(zip((item.index for item in ok), features, strict=True))
+        failures = {item.index: why for item, why in failed}
+        rows = []
+        for item in batch:
+            row = item.row if item.row is not None else computed.get(item.index)
+            if row is None:
+                self.rejected[self.paths[item.index]] = item.error or failures[item.index]
+                continue
+            self.kept.append(item.index)
+            rows.append(row)
+        if rows:
+            self.sink.append(np.stack(rows))
+        self.computed += len(ok)
+        if self.cache is not None and ok:
+            # Written by a reader thread, off the model's path.
+            digests = [item.digest for item in ok]
+            self._writes.append(pool.submit(self.cache.put_many, digests, features))
+        while self._writes and self._writes[0].done():
+            self._writes.popleft().result()  # raise a failed write now
+
+    def wait_for_cache_writes(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
+
+
+def _infer(
+    backend: FeatureBackend, items: list[_Scanned]
+) -> tuple[list[_Scanned], np.ndarray, list[tuple[_Scanned, str]]]:
+    """(decoded items, their features, (undecodable item, why) pairs) for one batch."""
+    dim = backend.info.feature_dim
+    if not items:
+        return [], np.zeros((0, dim), np.float32), []
+    try:
+        return items, backend.features([item.data for item in items]), []
+    except InvalidImageError as exc:
+        if len(items) == 1:
+            return [], np.zeros((0, dim), np.float32), [(items[0], str(exc))]
+    # One bad file fails its whole batch: halve until it is alone, so a single bad file costs
+    # about 2 log2(batch_size) extra calls rather than one call per image.
+    middle = len(items) // 2
+    first, second = _infer(backend, items[:middle]), _infer(backend, items[middle:])
+    return (
+        first[0] + second[0],
+        np.concatenate([first[1], second[1]]),
+        first[2] + second[2],
+    )

@@ -1,0 +1,274 @@
+"""The extraction pipeline: input order, rejections, the cache, batching, reading ahead of the
+model, features streamed to a memory-mapped `.npy`, and memory that does not grow with the
+number of images. A fake backend stands in for the model except in the end-to-end check."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.domain import BackboneInfo
+from service.errors import BackendUnavailableError, InvalidImageError
+from tests.samples import bad_images, encode, good_images
+from train.features import FeatureCache, extract_features, kept_mask_path
+
+DIM = 1280
+#: Bytes the fake backend refuses to "decode" although their header is fine.
+UNDECODABLE = b"FAKE-UNDECODABLE"
+
+
+def fake_vector(data: bytes) -> np.ndarray:
+    """The fake backend's features for `data`: deterministic, different for different bytes."""
+    seed = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(DIM, dtype=np.float32)
+
+
+class FakeBackend:
+    """A fake feature backend: no model, a vector of dimension 1280 derived from the bytes."""
+
+    kind = "fake"
+    ready = True
+    info = BackboneInfo("fake", 1, 16, DIM)
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def check(self) -> None:
+        """Always reachable."""
+
+    def features(self, images: Sequence[bytes]) -> np.ndarray:
+        self.calls.append(len(images))
+        if any(UNDECODABLE in image for image in images):
+            raise InvalidImageError("image could not be decoded: fake decoder")
+        return np.stack([fake_vector(image) for image in images])
+
+
+def tiny_images(folder: Path, count: int, start: int = 0) -> list[Path]:
+    """`count` distinct valid 16x16 PNG files (one image, a different trailer per file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = encode(Image.new("RGB", (16, 16), "teal"), "PNG")
+    paths = []
+    for number in range(start, start + count):
+        path = folder / f"{number:06d}.png"
+        path.write_bytes(base + b"#%d" % number)  # readers ignore bytes after IEND
+        paths.append(path)
+    return paths
+
+
+def expected_rows(paths: Sequence[Path]) -> np.ndarray:
+    return np.stack([fake_vector(p.read_bytes()) for p in paths])
+
+
+def test_rows_keep_input_order_around_every_kind_of_rejection(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path / "images", 11)
+    header_bad, decode_bad, missing = (
+        tmp_path / "notes.png",
+        tmp_path / "bad.png",
+        tmp_path / "gone",
+    )
+    header_bad.write_bytes(b"not an image at all")
+    decode_bad.write_bytes(paths[0].read_bytes() + UNDECODABLE)
+    paths[2:2] = [header_bad]
+    paths[6:6] = [decode_bad]
+    paths.append(missing)
+    cache = FeatureCache(tmp_path / "cache", "fake")
+    cached = paths[4]
+    cache.put(hashlib.sha256(cached.read_bytes()).hexdigest(), np.full(DIM, 7, np.float32))
+    out = tmp_path / "features.npy"
+
+    result = extract_features(paths, FakeBackend(), cache, batch_size=4, progress=False, out=out)
+
+    bad = {header_bad, decode_bad, missing}
+    assert result.kept == [i for i, p in enumerate(paths) if p not in bad]
+    assert list(result.rejected) == [header_bad, decode_bad, missing]
+    assert "not a recognised image" in result.rejected[header_bad]
+    assert "could not be decoded" in result.rejected[decode_bad]
+    assert "could not be read" in result.rejected[missing]
+    kept_paths = [paths[i] for i in result.kept]
+    expected = expected_rows(kept_paths)
+    expected[kept_paths.index(cached)] = 7  # the cached row, not a recomputed one
+    np.testing.assert_array_equal(result.features, expected)
+    assert result.computed == len(kept_paths) - 1
+    # On disk: only the kept rows, in order, and a mask saying which paths they belong to.
+    assert isinstance(result.features, np.memmap) and not result.features.flags.writeable
+    np.testing.assert_array_equal(np.load(out), expected)
+    assert list(np.flatnonzero(np.load(kept_mask_path(out)))) == result.kept
+    assert result.out == out and not list(tmp_path.glob("*.partial"))
+
+
+def test_the_model_gets_full_batches(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path, 50)
+    backend = FakeBackend()
+    result = extract_features(paths, backend, None, batch_size=16, progress=False)
+    assert backend.calls == [16, 16, 16, 2]
+    np.testing.assert_array_equal(result.features, expected_rows(paths))
+    assert result.kept == list(range(50)) and result.computed == 50 and result.out is None
+
+
+def test_one_bad_file_costs_a_few_calls_not_one_per_image(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path, 32)
+    paths[21].write_bytes(paths[21].read_bytes() + UNDECODABLE)
+    backend = FakeBackend()
+    result = extract_features(paths, backend, None, batch_size=32, progress=False)
+    assert list(result.rejected) == [paths[21]]
+    assert len(backend.calls) <= 1 + 2 * 5  # the batch, then halves down to the bad file
+    np.testing.assert_array_equal(result.features, expected_rows(paths[:21] + paths[22:]))
+
+
+def test_a_second_run_computes_nothing_and_gives_the_same_features(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path / "images", 40)
+    cache = FeatureCache(tmp_path / "cache", "fake")
+    first = extract_features(paths, FakeBackend(), cache, batch_size=8, progress=False)
+    backend = FakeBackend()
+    second = extract_features(
+        paths, backend, cache, batch_size=8, progress=False, out=tmp_path / "f.npy"
+    )
+    assert (first.computed, second.computed, backend.calls) == (40, 0, [])
+    np.testing.assert_array_equal(first.features, second.features)
+    # Same keys as before the pipeline: <model key>/<first two hex digits>/<sha256>.npy.
+    digest = hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    assert (tmp_path / "cache" / "fake" / digest[:2] / f"{digest}.npy").is_file()
+
+
+def test_the_progress_bar_counts_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    extract_features(tiny_images(tmp_path, 40), FakeBackend(), None, batch_size=16)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert bar.startswith("features: 100%") and "40/40" in bar and "img/s" in bar
+
+
+class CountingCache(FeatureCache):
+    """A cache that counts lookups: one per file read, so it tells how far reading has got."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "fake")
+        self.lookups = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> np.ndarray | None:
+        with self._lock:
+            self.lookups += 1
+        return super().get(digest)
+
+
+class WaitingBackend(FakeBackend):
+    """Holds its first call until the files of the next batch have been read, or 10 s pass."""
+
+    def __init__(self, cache: CountingCache, wait_for: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.wait_for = wait_for
+        self.read_during_first_call = 0
+
+    def features(self, images: Sequence[bytes]) -> np.ndarray:
+        if not self.calls:
+            deadline = time.monotonic() + 10
+            while self.cache.lookups < self.wait_for and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.2)  # let reading run as far ahead as it is allowed to
+            self.read_during_first_call = self.cache.lookups
+        return super().features(images)
+
+
+def test_files_are_read_while_the_model_runs_but_only_so_far_ahead(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path / "images", 200)
+    cache = CountingCache(tmp_path / "cache")
+    batch, prefetch = 4, 2
+    backend = WaitingBackend(cache, wait_for=2 * batch)
+    extract_features(paths, backend, cache, batch_size=batch, progress=False, prefetch=prefetch)
+    # A serial loop would have read exactly one batch when the model is first called.
+    assert backend.read_during_first_call >= 2 * batch
+    # Bounded: the batch in the model, `prefetch` queued, one being filled, the readers' window.
+    assert backend.read_during_first_call <= batch + prefetch * batch + batch + prefetch * batch
+
+
+def test_a_backend_failure_stops_the_run_and_leaves_no_file(tmp_path: Path) -> None:
+    class DownBackend(FakeBackend):
+        def features(self, images: Sequence[bytes]) -> np.ndarray:
+            raise BackendUnavailableError("model server went away")
+
+    out = tmp_path / "out" / "features.npy"
+    before = threading.active_count()
+    with pytest.raises(BackendUnavailableError):
+        extract_features(
+            tiny_images(tmp_path / "images", 100), DownBackend(), None, 8, progress=False, out=out
+        )
+    assert not list(out.parent.iterdir())
+    assert threading.active_count() == before  # readers and the prefetch thread are gone
+
+
+def test_nothing_to_extract(tmp_path: Path) -> None:
+    empty = extract_features([], FakeBackend(), None, progress=False, out=tmp_path / "e.npy")
+    assert empty.features.shape == (0, DIM) and empty.kept == [] and empty.computed == 0
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    none_kept = extract_features([bad], FakeBackend(), None, progress=False, out=tmp_path / "n.npy")
+    assert none_kept.features.shape == (0, DIM) and list(none_kept.rejected) == [bad]
+    assert np.load(tmp_path / "n.npy").shape == (0, DIM)
+
+
+def peak_traced_bytes(paths: Sequence[Path], out: Path | None) -> int:
+    """Peak Python-allocated bytes (numpy arrays included; memory maps are not) of one run."""
+    tracemalloc.reset_peak()
+    start, _ = tracemalloc.get_traced_memory()
+    result = extract_features(paths, FakeBackend(), None, batch_size=32, progress=False, out=out)
+    _, peak = tracemalloc.get_traced_memory()
+    assert len(result.kept) == len(paths)
+    del result
+    return peak - start
+
+
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
+    paths = tiny_images(tmp_path / "images", 2000)
+    in_ram = 1800 * DIM * 4  # what 1,800 more rows would take if they were held in memory
+    tracemalloc.start()
+    try:
+        peak_traced_bytes(paths[:32], tmp_path / "warm.npy")  # lazy imports and caches, once
+        small = peak_traced_bytes(paths[:200], tmp_path / "small.npy")
+        large = peak_traced_bytes(paths, tmp_path / "large.npy")
+        # The control: the same measure does see features held in memory.
+        held = peak_traced_bytes(paths, None)
+    finally:
+        tracemalloc.stop()
+    assert held - small > in_ram
+    # What remains is the `kept` list and bookkeeping, a few bytes per image.
+    assert large - small < in_ram / 10, (small, large)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "large.npy", mmap_mode="r")[-1:], expected_rows(paths[-1:])
+    )
+
+
+def test_features_equal_the_backend_on_real_files(embedded_backend, tmp_path: Path) -> None:
+    images = good_images()
+    paths = []
+    for name, body in sorted(images.items()):
+        paths.append(tmp_path / "images" / name)
+        paths[-1].parent.mkdir(exist_ok=True)
+        paths[-1].write_bytes(body)
+    truncated = tmp_path / "images" / "truncated.jpg"
+    truncated.write_bytes(bad_images()["truncated_jpeg"])
+    paths.insert(4, truncated)
+    cache = FeatureCache(tmp_path / "cache", embedded_backend.info.cache_key)
+    out = tmp_path / "features.npy"
+
+    first = extract_features(paths, embedded_backend, cache, batch_size=3, progress=False, out=out)
+
+    assert list(first.rejected) == [truncated]
+    assert "could not be decoded" in first.rejected[truncated]
+    assert first.kept == [i for i in range(len(paths)) if i != 4]
+    reference = embedded_backend.features([images[name] for name in sorted(images)])
+    np.testing.assert_allclose(first.features, reference, atol=1e-5, rtol=0)
+    second = extract_features(paths, embedded_backend, cache, batch_size=3, progress=False)
+    assert (first.computed, second.computed) == (len(images), 0)
+    np.testing.assert_array_equal(second.features, first.features)
+    assert list(second.rejected) == [truncated]
