@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="average-pool the features from this layer (default: the last), e.g. mixed7",
     )
     parser.add_argument(
+        "--precision",
+        # export.precision.PRECISIONS, spelt out to keep TensorFlow unimported.
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default), or bf16: the convolutions compute in bfloat16, for CPUs with "
+        "AVX512_BF16 or AMX (features stay float32; see export/precision.py)",
+    )
+    parser.add_argument(
         "--frozen-graph",
         type=Path,
         metavar="PATH",
@@ -58,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         chosen = args.weights != parser.get_default("weights") or args.layer
         if chosen or args.backbone not in (parser.get_default("backbone"), FROZEN_GRAPH_BACKBONE):
             parser.error("--frozen-graph takes no --weights or --layer, and no other --backbone")
+        if args.precision != parser.get_default("precision"):
+            # Its weights are graph constants, not Keras layers that can change dtype policy.
+            parser.error("--frozen-graph exports fp32 only; --precision bf16 needs --backbone")
         args.backbone = FROZEN_GRAPH_BACKBONE
     return args
 
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
             backbone = build_frozen_graph_backbone(args.frozen_graph)
         else:
-            backbone = build_backbone(args.backbone, args.weights, args.layer)
+            backbone = build_backbone(args.backbone, args.weights, args.layer, args.precision)
         exported = export_backbone(backbone, args.base_path, args.model_name, args.version)
     except (ExportError, FileExistsError, OSError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
@@ -93,7 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"exported {info.backbone} ({info.weights}) -> {exported.path} "
         f"[input {info.input_size}px, {info.feature_dim} features from {info.layer}]"
+        + (f" computing in {info.precision}" if info.precision != "fp32" else "")
     )
+    if info.precision == "bf16":
+        from export.precision import cpu_has_bf16
+
+        if cpu_has_bf16() is False:
+            # The model still runs, but TensorFlow emulates bfloat16 on such a CPU.
+            print(
+                "export: note: this CPU has no AVX512_BF16 or AMX; on it the bf16 model runs "
+                "slower than fp32 (export fp32 for such machines)",
+                file=sys.stderr,
+            )
     return 0
 
 

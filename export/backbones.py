@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from export import efficientnet_lite, inception
+from export.precision import FP32, PRECISIONS, float32_layers, to_bfloat16
 from export.torch_pickle import load_legacy_state_dict
 
 
@@ -37,6 +38,9 @@ class Backbone:
     stages: keras.Model | None = None
     #: A name for each stage, recorded in the metadata.
     stage_names: tuple[str, ...] = ()
+    #: "fp32", or "bf16": the model computes in bfloat16 (see export.precision), recorded in
+    #: the metadata. Its input and features are float32 either way.
+    precision: str = FP32
 
 
 def names() -> list[str]:
@@ -44,18 +48,28 @@ def names() -> list[str]:
     return [*efficientnet_lite.VARIANTS, inception.NAME]
 
 
-def build_backbone(name: str, weights: str = "imagenet", layer: str | None = None) -> Backbone:
+def build_backbone(
+    name: str,
+    weights: str = "imagenet",
+    layer: str | None = None,
+    precision: str = "fp32",
+) -> Backbone:
     """Build a backbone by name.
 
     `weights`: "imagenet" (the default: genuine ImageNet weights), a path to a local weights
     file (Inception v3), or "random" (for tests only: features carry no meaning).
     `layer`: the layer whose output is average-pooled into the features; the last by default
     (e.g. Inception's `mixed7` gives mid-level 768-d features).
+    `precision`: "fp32" (the default), or "bf16" to compute in bfloat16 on CPUs that have it,
+    with float32 weights, input and features (see export.precision). The global Keras dtype
+    policy is left as it was.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if name in efficientnet_lite.VARIANTS:
-        backbone = _efficientnet_lite(name, weights)
+        backbone = _efficientnet_lite(name, weights, precision)
     elif name == inception.NAME:
-        backbone = _inception(weights)
+        backbone = _inception(weights, precision)
     else:
         raise ExportError(f"unknown backbone {name!r}; choose one of {', '.join(names())}")
     return _pooled_at(backbone, layer) if layer else backbone
@@ -84,11 +98,18 @@ def _layer_examples(backbone: Backbone) -> list[str]:
     return [*chosen[:3], "...", *chosen[-3:]] if len(chosen) > 6 else chosen
 
 
+def _in_precision(name: str, model: keras.Model, precision: str) -> keras.Model:
+    """`model` itself for fp32; for bf16 a copy that computes in bfloat16 (same layer names)."""
+    if precision == FP32:
+        return model
+    return to_bfloat16(model, float32_layers(name, model))
+
+
 def _stages(model: keras.Model, layers: list[keras.layers.Layer]) -> keras.Model:
     return keras.Model(model.input, [layer.output for layer in layers], name="stages")
 
 
-def _efficientnet_lite(name: str, weights: str) -> Backbone:
+def _efficientnet_lite(name: str, weights: str, precision: str) -> Backbone:
     if weights not in ("imagenet", "random"):
         raise ExportError(f"{name} takes --weights imagenet or random, not {weights!r}")
     variant = efficientnet_lite.VARIANTS[name]
@@ -101,7 +122,7 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
             raise ExportError(str(exc)) from exc
         state = load_legacy_state_dict(path)
         source = f"imagenet:{path.name}"
-    model = efficientnet_lite.build_efficientnet_lite(name, state)
+    model = _in_precision(name, efficientnet_lite.build_efficientnet_lite(name, state), precision)
     pyramid = efficientnet_lite.stage_output_layers(name)
     # Early to late, like the original Inception pictures: strides 2, 4, 8 and 16.
     stage_layers = ["stem_activation", pyramid[1], pyramid[2], pyramid[4]]
@@ -116,14 +137,16 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
         layer="head_activation",
         stages=stages,
         stage_names=tuple(stage_layers),
+        precision=precision,
     )
 
 
-def _inception(weights: str) -> Backbone:
+def _inception(weights: str, precision: str) -> Backbone:
     try:
         model = inception.build_inception_v3(weights)
     except inception.WeightsUnavailableError as exc:
         raise ExportError(str(exc)) from exc
+    model = _in_precision(inception.NAME, model, precision)
     source = weights if weights in ("imagenet", "random") else f"file:{Path(weights).name}"
     return Backbone(
         inception.NAME,
@@ -135,4 +158,5 @@ def _inception(weights: str) -> Backbone:
         layer="mixed10",
         stages=_stages(model, inception.stage_layers(model)),
         stage_names=inception.STAGE_NAMES,
+        precision=precision,
     )

@@ -32,6 +32,8 @@ class ExportedModelInfo:
     layer: str = ""
     #: Names of the stages the `feature_maps` signature returns, early to late.
     stages: list[str] = field(default_factory=list)
+    #: "fp32", or "bf16" when the backbone computes in bfloat16 (its features are float32).
+    precision: str = "fp32"
     signature: str = SIGNATURE
     input_key: str = INPUT_KEY
     output_key: str = OUTPUT_KEY

@@ -107,6 +107,7 @@ def export_backbone(
         weights=backbone.weights,
         layer=backbone.layer,
         stages=list(backbone.stage_names),
+        precision=backbone.precision,
     )
     staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
