@@ -14,14 +14,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import Any
 
 from service.errors import InvalidImageError, OverloadedError
 
 log = logging.getLogger(__name__)
 
-BatchFn = Callable[[Sequence[bytes]], np.ndarray]
+#: Blocking: one answer per image, in order (a feature row, or any per-image result).
+BatchFn = Callable[[Sequence[bytes]], Sequence[Any]]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class BatchingOptions:
 @dataclass
 class _Pending:
     image: bytes
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
 
 
 class DynamicBatcher:
@@ -52,10 +52,10 @@ class DynamicBatcher:
         #: Sizes of the batches run so far (tests and metrics read it).
         self.batch_sizes: list[int] = []
 
-    async def features(self, image: bytes) -> np.ndarray:
-        """The feature vector of one image, computed in some batch."""
+    async def features(self, image: bytes) -> Any:
+        """The answer for one image (what `run_batch` gives per image), computed in a batch."""
         self._ensure_worker()
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Pending(image, future))
         except asyncio.QueueFull:

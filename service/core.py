@@ -1,14 +1,14 @@
 """The matcher core: image bytes -> features -> probabilities -> ranked labels.
 
-It knows nothing of gRPC. Blocking TensorFlow and scikit-learn calls run in worker threads so
-the event loop keeps serving while a model works.
+It knows nothing of gRPC. Blocking TensorFlow and scikit-learn calls run in worker threads
+(through the dynamic batcher: one thread call per batch, for both models), so the event loop
+keeps serving while a model works.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class MatcherCore:
         self._load_classifier = load_classifier
         self._limits = limits
         self._classifier: Classifier | None = None
-        self.batcher = DynamicBatcher(backend.features, batching or BatchingOptions())
+        # One worker-thread call per batch does both models: features and probabilities.
+        self.batcher = DynamicBatcher(self._answer_batch, batching or BatchingOptions())
 
     def load(self) -> None:
         """Load both models and check that they fit together (blocking)."""
@@ -72,9 +73,8 @@ class MatcherCore:
     async def match(self, image: bytes, top_k: int) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels."""
         classifier = self._require_ready()
-        features = await self._features(image)
-        probabilities = await asyncio.to_thread(classifier.probabilities, features)
-        return MatchResult(_ranked(classifier.labels, probabilities[0], top_k), self.identity())
+        _, probabilities = await self._answer(image)
+        return MatchResult(_ranked(classifier.labels, probabilities, top_k), self.identity())
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image."""
@@ -101,9 +101,20 @@ class MatcherCore:
         )
 
     async def _features(self, image: bytes) -> np.ndarray:
-        """float32 [1, D] for one image, computed in a batch with concurrent requests."""
+        """float32 [1, D] for one image."""
+        features, _ = await self._answer(image)
+        return features[np.newaxis]
+
+    async def _answer(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(features, probabilities) of one image, computed in a batch with concurrent ones."""
         inspect_image(image, self._limits)
-        return (await self.batcher.features(image))[np.newaxis]
+        return await self.batcher.features(image)
+
+    def _answer_batch(self, images: Sequence[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Blocking: features of a batch, then the classifier's probabilities for all of it."""
+        features = self._backend.features(images)
+        classifier = self._require_ready()
+        return list(zip(features, classifier.probabilities(features), strict=True))
 
     def _require_ready(self) -> Classifier:
         if self._classifier is None or not self._backend.ready:
