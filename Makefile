@@ -30,7 +30,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
-	@echo "make bench    extraction speed, the service under load beside the model's ceiling, start-up"
+	@echo "make bench    extraction (loop, pipeline, ceiling), the service under load beside the model's ceiling, start-up"
 
 setup: $(INSTALLED)
 
@@ -90,7 +90,7 @@ format: $(INSTALLED)
 bench: export demo
 	$(MAKE) $(CLASSIFIER)
 	mkdir -p build
-	$(PY) -m bench.extract --model-dir $(MODEL_DIR) --images $(DEMO)/train --json build/bench-extract.json
+	$(PY) -m bench.pipeline --model-dir $(MODEL_DIR) --images $(DEMO)/train --json build/bench-pipeline.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json

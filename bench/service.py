@@ -18,13 +18,13 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.load import LoadConfig, run_load
-from bench.startup import free_port, wait_serving
+from bench.pipeline import timed
+from bench.startup import matcher_process
 
 BATCH_SIZES = (1, 8, 16, 32)
 
@@ -44,7 +44,7 @@ def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, 
     for size in BATCH_SIZES:
         batch = [image] * size
         backend.features(batch)  # trace this shape once
-        best = min(_timed(lambda b=batch: backend.features(b)) for _ in range(repeats))
+        best = min(timed(lambda b=batch: backend.features(b)) for _ in range(repeats))
         rates[size] = size / best
     best_size = max(rates, key=rates.__getitem__)
     return {
@@ -55,27 +55,11 @@ def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, 
     }
 
 
-def _timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
-
-
 def service_levels(
     flags: list[str], image: bytes, levels: list[int], total: int
 ) -> list[dict[str, float]]:
     """Start the server with `flags`, then load it at each concurrency."""
-    port = free_port()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), *flags],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        target = f"localhost:{port}"
-        wait_serving(target, 300)
+    with matcher_process(flags) as (_, target, _):
         rows = []
         for concurrency in levels:
             config = LoadConfig(
@@ -98,10 +82,7 @@ def service_levels(
                     "errors": report.count - len(report.ok_latencies_ns),
                 }
             )
-        return rows
-    finally:
-        process.terminate()
-        process.wait(30)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,14 @@ TensorFlow) runs in another process, so its memory is not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -62,8 +64,10 @@ def wait_serving(target: str, deadline_s: float) -> None:
     raise TimeoutError(f"{target} not SERVING after {deadline_s} s")
 
 
-def measure(flags: list[str], image: bytes, calls: int) -> dict[str, float]:
-    """Start the matcher with `flags`; time to SERVING, then memory after `calls` Matches."""
+@contextlib.contextmanager
+def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
+    """`python -m service FLAGS` on a free port, until SERVING; yields (process, target,
+    seconds from start to SERVING) and stops the process afterwards."""
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.monotonic()
@@ -74,16 +78,22 @@ def measure(flags: list[str], image: bytes, calls: int) -> dict[str, float]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_serving(f"localhost:{port}", 300)
-        to_serving = time.monotonic() - started
-        with grpc.insecure_channel(f"localhost:{port}") as channel:
+        target = f"localhost:{port}"
+        wait_serving(target, 300)
+        yield process, target, time.monotonic() - started
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def measure(flags: list[str], image: bytes, calls: int) -> dict[str, float]:
+    """Start the matcher with `flags`; time to SERVING, then memory after `calls` Matches."""
+    with matcher_process(flags) as (process, target, to_serving):
+        with grpc.insecure_channel(target) as channel:
             stub = matcher_pb2_grpc.MatcherStub(channel)
             for _ in range(calls):
                 stub.Match(matcher_pb2.ImageRequest(image=image, top_k=1), timeout=60)
         memory = memory_mb(process.pid)
-    finally:
-        process.terminate()
-        process.wait(30)
     return {
         "to_serving_s": round(to_serving, 2),
         "rss_mb": round(memory["VmRSS"], 1),
