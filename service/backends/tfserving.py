@@ -142,7 +142,7 @@ class TFServingBackend:
             raise NotReadyError("the feature backend is not connected yet")
         return self._info
 
-    def features(self, images: Sequence[bytes], timeout_s: float | None = None) -> np.ndarray:
+    def features(self, images: Sequence[bytes]) -> np.ndarray:
         if self._info is None:
             raise NotReadyError("the feature backend is not connected yet")
         options = self._options
@@ -154,18 +154,17 @@ class TFServingBackend:
             options.version_label,
             options.signature,
         )
-        try:
-            response = self._predict(request, timeout=self._timeout(timeout_s))
-        except grpc.RpcError as exc:
-            raise self._error(exc, "Predict") from exc
-        return features_from_response(response)
+        return features_from_response(self._call(self._predict, request, "Predict"))
 
     def close(self) -> None:
         self._channel.close()
 
-    def _timeout(self, timeout_s: float | None) -> float:
-        limit = self._options.timeout_s
-        return limit if timeout_s is None else max(0.001, min(limit, timeout_s))
+    def _call(self, rpc: grpc.UnaryUnaryMultiCallable, request: Any, method: str) -> Any:
+        """One RPC with the configured deadline, its failure mapped to a core error."""
+        try:
+            return rpc(request, timeout=self._options.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc, method) from exc
 
     def _error(self, exc: grpc.RpcError, method: str) -> Exception:
         code = exc.code()
@@ -186,10 +185,7 @@ class TFServingBackend:
         set_model_spec(
             request.model_spec, options.model_name, options.version, options.version_label
         )
-        try:
-            response = self._status(request, timeout=options.timeout_s)
-        except grpc.RpcError as exc:
-            raise self._error(exc, "GetModelStatus") from exc
+        response = self._call(self._status, request, "GetModelStatus")
         available = [
             s.version for s in response.model_version_status if s.state == self._api.AVAILABLE
         ]
@@ -207,10 +203,7 @@ class TFServingBackend:
         set_model_spec(
             request.model_spec, options.model_name, options.version, options.version_label
         )
-        try:
-            response = self._metadata(request, timeout=options.timeout_s)
-        except grpc.RpcError as exc:
-            raise self._error(exc, "GetModelMetadata") from exc
+        response = self._call(self._metadata, request, "GetModelMetadata")
         signatures = self._api.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         feature_dim = _check_signature(signatures, options.model_name, options.signature)
