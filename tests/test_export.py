@@ -43,6 +43,7 @@ from export.layout import (
 from export.preprocess import decode_batch
 from export.savedmodel import ExportedModel, export_backbone
 from tests import samples
+from tests.cli_output import cli_stderr_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 LITE0_DIM = 1280
@@ -63,11 +64,6 @@ NO_NETWORK = {
 
 # What TensorFlow's C++ runtime writes to stderr on import, whatever TF_CPP_MIN_LOG_LEVEL says
 # (TF 2.21 logs before absl is initialised). It is not the CLI's output, so it is not counted.
-TF_RUNTIME_NOISE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] "
-    r"|To enable the following instructions: )"
-)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -125,15 +121,6 @@ def run_cli(
         env=env,
         timeout=300,
     )
-
-
-def cli_stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    """The CLI's own stderr lines (TensorFlow's native start-up logging left out)."""
-    return [
-        line
-        for line in result.stderr.splitlines()
-        if line.strip() and not TF_RUNTIME_NOISE.match(line)
-    ]
 
 
 def assert_no_version_written(base: Path) -> None:

@@ -13,7 +13,6 @@ Session, one JPEG at a time, as the original work did.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from export.layout import (
 from export.preprocess import decode_batch
 from export.savedmodel import ExportedModel, export_backbone
 from tests import samples
+from tests.cli_output import cli_stderr_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 299
@@ -52,11 +52,6 @@ STAGE_SHAPES = {
 }
 
 # TensorFlow's native start-up logging on stderr, not the CLI's output (as in test_export.py).
-TF_RUNTIME_NOISE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] "
-    r"|To enable the following instructions: )"
-)
 
 
 # --- the stand-in frozen graph ------------------------------------------------------------------
@@ -218,14 +213,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         timeout=300,
     )
-
-
-def cli_stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    return [
-        line
-        for line in result.stderr.splitlines()
-        if line.strip() and not TF_RUNTIME_NOISE.match(line)
-    ]
 
 
 class OriginalGraph:
