@@ -16,7 +16,13 @@ from service.backends.base import FeatureBackend
 from service.classifier import REPORT_FILE, file_sha256
 from train.dataset import DatasetError, discover
 from train.features import FeatureCache, extract_features
-from train.report import build_report, format_confusion, holdout_metrics, search_summary
+from train.report import (
+    build_report,
+    format_confusion,
+    holdout_metrics,
+    search_summary,
+    write_report,
+)
 from train.svm import best_params, grid_search
 
 log = logging.getLogger(__name__)
@@ -115,14 +121,11 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         classifier_file=classifier_path,
         classifier_sha256=sha256,
         classifier_type="CalibratedClassifierCV(SVC)",
+        model_dir=config.model_dir,
     )
-    report["backbone"]["model_dir"] = str(config.model_dir) if config.model_dir else None
-    report["backbone"]["layer"] = info.layer
     if baselines is not None:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
-    from train.report import write_report
-
     write_report(report, report_path)
     _print_summary(report, holdout, best_params(search))
     return TrainResult(classifier_path, report_path, report)

@@ -68,6 +68,7 @@ def build_report(
     classifier_file: Path,
     classifier_sha256: str,
     classifier_type: str,
+    model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The JSON report `train` writes beside the classifier."""
     return {
@@ -79,6 +80,9 @@ def build_report(
             "input_size": backbone.input_size,
             "feature_dim": backbone.feature_dim,
             "backend": backend,
+            "layer": backbone.layer,
+            # Where the SavedModel is, for the report's pictures (None: no local model).
+            "model_dir": str(model_dir) if model_dir else None,
         },
         "search": search,
         "holdout": {k: v for k, v in holdout.items() if k != "text"},
