@@ -126,7 +126,58 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long in-flight calls may take to finish.",
     )
+    max_concurrent_rpcs: int = Field(
+        128,
+        ge=1,
+        description="Calls handled at once; more get RESOURCE_EXHAUSTED. With "
+        "--max-receive-bytes this bounds request memory.",
+    )
     log_level: str = Field("INFO", description="Logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json` writes one JSON object per line (for log collectors); both carry "
+        "the request id.",
+    )
+
+    # --- TLS and authentication ---
+    tls_cert: Path | None = Field(
+        None, description="Server certificate chain (PEM); with --tls-key turns TLS on."
+    )
+    tls_key: Path | None = Field(None, description="Server private key (PEM).")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="CA bundle (PEM) for client certificates: when set, every client must "
+        "present a certificate it signed (mutual TLS).",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token clients must send as `authorization: "
+        "Bearer <token>`; unset turns token checks off.",
+    )
+    health_requires_auth: bool = Field(
+        False,
+        description="Whether health checks need the token (off: Kubernetes probes send none).",
+    )
+    reflection_requires_auth: bool = Field(
+        True, description="Whether server reflection needs the token."
+    )
+
+    # --- metrics ---
+    metrics_port: int = Field(
+        9464,
+        ge=-1,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint on --host; 0 picks a free one, "
+        "-1 turns it off.",
+    )
+
+    # --- hot reload ---
+    reload_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="How often the classifier file and the SavedModel versions are checked "
+        "for a new model to swap in; 0 turns hot reload off.",
+    )
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:

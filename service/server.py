@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from service import observability, security
 from service.backends.base import FeatureBackend
 from service.batcher import BatchingOptions
 from service.classifier import Classifier
@@ -137,10 +138,13 @@ class RunningServer:
 async def start_server(settings: Settings, core: MatcherCore) -> RunningServer:
     """Bind and start the server with health NOT_SERVING; models are not loaded yet."""
     server = grpc.aio.server(
+        # Ids and metrics first, so that calls refused for their credentials are counted too.
+        interceptors=[*observability.interceptors(), *security.interceptors(settings)],
         options=[
             ("grpc.max_receive_message_length", settings.max_receive_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     matcher_pb2_grpc.add_MatcherServicer_to_server(MatcherServicer(core), server)
     health_servicer = health.aio.HealthServicer()
@@ -153,7 +157,7 @@ async def start_server(settings: Settings, core: MatcherCore) -> RunningServer:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = security.add_port(server, f"{settings.host}:{settings.port}", settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()
