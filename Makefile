@@ -12,14 +12,14 @@ WEIGHTS ?= imagenet
 MODELS ?= models/backbones
 MODEL_DIR := $(MODELS)/$(BACKBONE)
 CLASSIFIER_DIR ?= models/classifiers/$(BACKBONE)
-CLASSIFIER := $(CLASSIFIER_DIR)/classifier.joblib
+CLASSIFIER := $(CLASSIFIER_DIR)/classifier.skops
 DEMO := data/demo
 DATA ?= $(DEMO)/train
 IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train report run serve match test check format bench clean
+.PHONY: help setup proto export demo train report run serve match test check format bench soak clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
@@ -31,6 +31,7 @@ help:
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
 	@echo "make bench    extraction (loop, pipeline, ceiling), the service under load beside the model's ceiling, start-up"
+	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
 
@@ -94,6 +95,14 @@ bench: export demo
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
+
+# Steady load on a matcher process; fails on any error or on RSS growth above 5 % after warm-up.
+SOAK_S ?= 1200
+soak: export demo
+	$(MAKE) $(CLASSIFIER)
+	mkdir -p build
+	$(PY) -m bench.soak --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) \
+		--image deploy/ghz/chelsea.jpg --duration-s $(SOAK_S) --json build/bench-soak.json
 
 clean:
 	rm -rf models data cache

@@ -16,6 +16,9 @@ WORKDIR /src
 COPY export/ export/
 COPY train/ train/
 COPY service/ service/
+COPY integrity/ integrity/
+# Its version is what the manifests record as the writing tool's.
+COPY pyproject.toml pyproject.toml
 COPY matcher/ matcher/
 # MODEL_VERSION must equal models.config's `versions:` and MATCHER_MODEL_VERSION.
 ARG MODEL_VERSION=1
@@ -27,6 +30,9 @@ RUN python -m train.demo --out /tmp/demo --quiet \
 # The export writes each version through a 0700 temporary folder; the pods read these files
 # as uid 10001, not root.
 RUN chmod -R a+rX /out/models
+# What the images carry matches the manifests export and train wrote (TF Serving checks none).
+RUN python -m integrity verify "/out/models/efficientnet_lite0/${MODEL_VERSION}" \
+      /out/models/classifier
 
 # ---- the model image ----------------------------------------------------------------------
 FROM busybox:1.37.0

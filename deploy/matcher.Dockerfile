@@ -39,10 +39,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     MATCHER_TFSERVING_API_DESCRIPTORS=/app/tfserving_api.binpb
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# Only what `python -m service` imports: the service, the generated matcher.v1 messages and
-# TF Serving's layout constants (export/layout.py imports nothing from TensorFlow).
+# Only what `python -m service` imports: the service, the generated matcher.v1 messages, the
+# manifest checks and TF Serving's layout constants (export/layout.py imports nothing from
+# TensorFlow).
 COPY matcher/ matcher/
 COPY service/ service/
+COPY integrity/ integrity/
 COPY export/__init__.py export/layout.py export/
 COPY --from=tfs-api /out/tfserving_api.binpb /app/tfserving_api.binpb
 # Bytecode compiled now: the root filesystem is read-only at run time.

@@ -1,7 +1,8 @@
 """Write a backbone as a TensorFlow SavedModel in TensorFlow Serving's layout.
 
 `<base>/<model_name>/<version>/` holds `saved_model.pb`, `variables/`, the TF Serving warmup
-requests and our metadata. The `serving_default` signature maps a 1-D batch of encoded images
+requests, our metadata and `manifest.json` (every other file's sha256, see
+`integrity.manifest`). The `serving_default` signature maps a 1-D batch of encoded images
 (`images`, tf.string) to `features` (float32 [N, D]); decoding and resizing live in the graph.
 """
 
@@ -29,6 +30,7 @@ from export.layout import (
     versions,
 )
 from export.preprocess import decode_batch
+from integrity.manifest import write_manifest
 from service.backends.tfs_api import load_api
 from service.backends.tfserving_protos import predict_request
 
@@ -90,7 +92,8 @@ def export_backbone(
     """Export `backbone` to `<base_path>/<model_name>/<version>/` and return where it went.
 
     The version defaults to one above the highest present. The folder is written under a
-    temporary name and renamed at the end, so TF Serving never sees a half-written version.
+    temporary name, its manifest last, and renamed at the end, so TF Serving never sees a
+    half-written version and the matcher never a version without its manifest.
     """
     name = model_name or backbone.name
     model_dir = base_path / name
@@ -114,6 +117,8 @@ def export_backbone(
         module = FeatureModule(backbone)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _write_assets_extra(staging, name, info)
+        # Last, so it covers every file: the service refuses a version that differs from it.
+        write_manifest(staging, tool="export", kind="savedmodel")
         _make_readable(staging)
         os.rename(staging, final)
     finally:

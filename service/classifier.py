@@ -1,27 +1,57 @@
-"""The trained classifier: a scikit-learn estimator with `predict_proba`, loaded from joblib.
+"""The trained classifier: a scikit-learn estimator with `predict_proba`, from skops or joblib.
 
-A joblib file is a pickle and runs code when loaded, so the file's sha256 must match a value
-the operator recorded (the training report beside it, or an explicit setting) before it is
-opened at all.
+Nothing is opened before it is verified. With `--classifier-sha256` the file must have that
+digest (trust anchored outside the folder); otherwise the `manifest.json` that `train` writes
+beside it must verify and list it (see `integrity.manifest`). The bytes verified are the bytes
+loaded. Then the suffix picks the format:
+
+- `.skops`: skops rebuilds the estimator without running code from the file, and only from
+  types it trusts (plain data, numpy arrays, scikit-learn estimators) plus `SKOPS_ALLOWED_TYPES`;
+  a file holding any other type is refused unopened.
+- `.joblib` (or `.pkl`, `.pickle`): a pickle, which runs code when loaded; verification is all
+  that stands between the file and this process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from integrity.manifest import (
+    MANIFEST_FILE,
+    IntegrityError,
+    ManifestMissingError,
+    file_sha256,
+    how_to_create,
+    verify,
+)
 from service.errors import ModelLoadError
+from service.fast_proba import compile_probabilities
 
 log = logging.getLogger(__name__)
 
 #: The training report `train` writes beside the classifier file.
 REPORT_FILE = "report.json"
+SKOPS_SUFFIX = ".skops"
+JOBLIB_SUFFIXES = (".joblib", ".pkl", ".pickle")
+#: Types a classifier file may hold beyond what skops trusts by default: the internals of
+#: CalibratedClassifierCV(SVC) (an older SVC(probability=True) needs none). Extend this list,
+#: never `trusted=True`, when a new estimator needs more.
+SKOPS_ALLOWED_TYPES = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+)
+
+__all__ = ["REPORT_FILE", "Classifier", "ClassifierInfo", "file_sha256", "read_report"]
 
 
 @dataclass(frozen=True)
@@ -35,15 +65,6 @@ class ClassifierInfo:
     params: dict[str, str]
     holdout_accuracy: float | None
     backbone: str | None
-
-
-def file_sha256(path: Path) -> str:
-    """Lowercase hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_report(classifier_path: Path) -> dict[str, Any] | None:
@@ -63,31 +84,32 @@ class Classifier:
     def __init__(self, estimator: Any, info: ClassifierInfo) -> None:
         self._estimator = estimator
         self.info = info
+        # scikit-learn's own predict_proba costs milliseconds of input checks per call.
+        self._fast = compile_probabilities(estimator)
 
     @classmethod
     def load(cls, path: Path, expected_sha256: str | None = None) -> Classifier:
-        """Verify `path` against the recorded sha256, then load it.
+        """Verify `path`, then load it with the reader its suffix names.
 
-        The expected digest is `expected_sha256` when given, else the one in the training
-        report beside the file; with neither, the file is refused.
+        With `expected_sha256` the file must have that digest; without it, the manifest in
+        the file's folder must verify and list the file. Anything else is refused unopened.
         """
         if not path.is_file():
             raise ModelLoadError(f"classifier file {path} does not exist; run `make train`")
-        report = read_report(path)
-        expected = expected_sha256 or (report or {}).get("classifier", {}).get("sha256")
-        if not expected:
-            raise ModelLoadError(
-                f"no recorded sha256 for {path}: a joblib file runs code when loaded, so pass "
-                "--classifier-sha256 with the digest of a file you trust"
-            )
-        actual = file_sha256(path)
-        if actual != expected.lower():
-            raise ModelLoadError(
-                f"classifier {path} has sha256 {actual}, expected {expected}; refusing to load"
-            )
-        import joblib  # after verification: loading runs code from the file
-
-        estimator = joblib.load(path)
+        reader = _reader_for(path)
+        # Read once: the bytes whose digest is checked are the bytes loaded.
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if expected_sha256:
+            if actual != expected_sha256.lower():
+                raise ModelLoadError(
+                    f"classifier {path} has sha256 {actual}, but --classifier-sha256 is "
+                    f"{expected_sha256}; refusing to load"
+                )
+            report = read_report(path)
+        else:
+            report = _verify_with_manifest(path, actual)
+        estimator = reader(path, data)
         return cls(estimator, _describe(estimator, actual, report))
 
     @property
@@ -96,7 +118,79 @@ class Classifier:
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """float [N, n_labels] probabilities, columns in `labels` order."""
+        if self._fast is not None:
+            return self._fast(features)
         return np.asarray(self._estimator.predict_proba(features), dtype=np.float64)
+
+
+def _verify_with_manifest(path: Path, actual: str) -> dict[str, Any] | None:
+    """Check the folder against its manifest; return the report if the manifest covers it."""
+    folder = path.parent
+    try:
+        manifest = verify(folder, "classifier")
+    except ManifestMissingError as exc:
+        raise ModelLoadError(
+            f"no {MANIFEST_FILE} beside {path}, so nothing vouches for the file: "
+            f"{how_to_create(folder)}, or pass --classifier-sha256 with the digest of a file "
+            "you trust"
+        ) from exc
+    except IntegrityError as exc:
+        raise ModelLoadError(f"{exc}; refusing to load the classifier") from exc
+    entry = manifest.files.get(path.name)
+    if entry is None:
+        raise ModelLoadError(
+            f"{path.name} is not listed in {folder / MANIFEST_FILE}; refusing to load it "
+            "(train again, or pass --classifier-sha256)"
+        )
+    if actual != entry.sha256:  # replaced between the check and the read
+        raise ModelLoadError(
+            f"classifier {path} has sha256 {actual} but {MANIFEST_FILE} records "
+            f"{entry.sha256}; refusing to load"
+        )
+    # report.json only feeds GetModelInfo and the backbone check: read it when it is covered.
+    return read_report(path) if REPORT_FILE in manifest.files else None
+
+
+def _reader_for(path: Path) -> Callable[[Path, bytes], Any]:
+    suffix = path.suffix.lower()
+    if suffix == SKOPS_SUFFIX:
+        return _load_skops
+    if suffix in JOBLIB_SUFFIXES:
+        return _load_joblib
+    raise ModelLoadError(
+        f"classifier {path}: unknown format {suffix or '(no suffix)'}; expected "
+        f"{SKOPS_SUFFIX} or {', '.join(JOBLIB_SUFFIXES)}"
+    )
+
+
+def _load_skops(path: Path, data: bytes) -> Any:
+    import skops.io
+    from skops.io.exceptions import UnsupportedTypeException, UntrustedTypesFoundException
+
+    unreadable = (zipfile.BadZipFile, ValueError, KeyError, TypeError, UnsupportedTypeException)
+    try:
+        # Reads the file's schema only; nothing is constructed yet.
+        untrusted = skops.io.get_untrusted_types(data=data)
+    except unreadable as exc:
+        raise ModelLoadError(f"classifier {path} is not a readable skops file: {exc}") from exc
+    refused = sorted(set(untrusted) - set(SKOPS_ALLOWED_TYPES))
+    if refused:
+        raise ModelLoadError(
+            f"classifier {path} holds types a classifier does not need, refused unopened: "
+            f"{', '.join(refused)}"
+        )
+    try:
+        return skops.io.loads(data, trusted=list(SKOPS_ALLOWED_TYPES))
+    except UntrustedTypesFoundException as exc:
+        raise ModelLoadError(f"classifier {path} holds untrusted types: {exc}") from exc
+    except unreadable as exc:
+        raise ModelLoadError(f"classifier {path} is not a readable skops file: {exc}") from exc
+
+
+def _load_joblib(path: Path, data: bytes) -> Any:
+    import joblib  # after verification: loading a pickle runs code from it
+
+    return joblib.load(io.BytesIO(data))
 
 
 def _describe(estimator: Any, sha256: str, report: dict[str, Any] | None) -> ClassifierInfo:

@@ -86,9 +86,11 @@ class Settings(BaseSettings):
         "(like batch_timeout_micros); 0 runs at once when the model is idle.",
     )
     max_queued_requests: int = Field(
-        256,
+        64,
         ge=1,
-        description="Requests allowed to wait for the model; beyond that, RESOURCE_EXHAUSTED.",
+        description="Requests allowed to wait for the model; beyond that, RESOURCE_EXHAUSTED. "
+        "Keep it plus --batch-max-size below --max-concurrent-rpcs, so that health checks "
+        "still find a free slot when the model is saturated.",
     )
     health_check_interval_s: float = Field(
         2.0,
@@ -97,13 +99,14 @@ class Settings(BaseSettings):
         "(NOT_SERVING while TF Serving is unreachable).",
     )
     classifier: Path = Field(
-        Path("models/classifiers/efficientnet_lite0/classifier.joblib"),
-        description="The trained classifier (joblib). Loading it runs code: only trusted files.",
+        Path("models/classifiers/efficientnet_lite0/classifier.skops"),
+        description="The trained classifier: .skops (loads without running code) or .joblib (a "
+        "pickle: runs code when loaded). Verified before it is opened.",
     )
     classifier_sha256: str | None = Field(
         None,
-        description="Expected sha256 of the classifier file; defaults to the one recorded in "
-        "report.json beside it. A mismatch refuses the file.",
+        description="Expected sha256 of the classifier file, checked instead of the "
+        "manifest.json beside it: pins trust outside the folder. A mismatch refuses the file.",
     )
     max_receive_bytes: int = Field(
         16 * MIB, gt=0, description="Largest request message accepted, bytes."

@@ -12,6 +12,7 @@ Layout and version-numbering checks use a tiny Keras model instead.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -42,6 +43,9 @@ from export.layout import (
 )
 from export.preprocess import decode_batch
 from export.savedmodel import ExportedModel, export_backbone
+from integrity.manifest import MANIFEST_FILE, read_manifest, verify, write_manifest
+from service.backends.embedded import EmbeddedBackend
+from service.errors import ModelLoadError
 from tests import samples
 from tests.cli_output import cli_stderr_lines
 
@@ -280,6 +284,58 @@ def test_failed_export_leaves_no_staging_folder(tmp_path: Path) -> None:
         export_backbone(tiny_backbone(broken), tmp_path)
     # TF Serving must never see a half-written version, nor a staging folder piling up.
     assert_no_version_written(tmp_path)
+
+
+# --- 1b. the integrity manifest ------------------------------------------------------------------
+
+
+def test_the_manifest_lists_every_file_of_the_version(exported_model: ExportedModel) -> None:
+    manifest = verify(exported_model.path, "savedmodel")
+    files = {
+        p.relative_to(exported_model.path).as_posix()
+        for p in exported_model.path.rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    assert set(manifest.files) == files
+    assert {"saved_model.pb", "variables/variables.index", WARMUP_FILE, MODEL_INFO_FILE} <= files
+    assert (manifest.kind, manifest.tool) == ("savedmodel", "export")
+
+
+def test_a_tampered_version_is_refused_by_the_embedded_backend(tmp_path: Path) -> None:
+    exported = export_backbone(tiny_backbone(), tmp_path)
+    EmbeddedBackend(exported.path.parent).load()  # as exported: loads
+    shard = next((exported.path / "variables").glob("variables.data-*"))
+    recorded = read_manifest(exported.path).files[f"variables/{shard.name}"].sha256
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(ModelLoadError) as caught:
+        EmbeddedBackend(exported.path.parent).load()
+    message = str(caught.value)
+    assert str(shard) in message and recorded in message and actual in message
+    assert "refusing to load the SavedModel" in message
+
+
+def test_an_added_variables_shard_is_refused_by_the_embedded_backend(tmp_path: Path) -> None:
+    exported = export_backbone(tiny_backbone(), tmp_path)
+    (exported.path / "variables" / "variables.data-00001-of-00002").write_bytes(b"\0" * 64)
+    with pytest.raises(ModelLoadError, match=r"variables\.data-00001-of-00002 is not listed"):
+        EmbeddedBackend(exported.path.parent).load()
+
+
+def test_a_version_without_manifest_is_refused_until_one_is_written(tmp_path: Path) -> None:
+    exported = export_backbone(tiny_backbone(), tmp_path)
+    (exported.path / MANIFEST_FILE).unlink()
+    backend = EmbeddedBackend(exported.path.parent)
+    with pytest.raises(
+        ModelLoadError, match=re.escape(f"python -m integrity write {exported.path}`")
+    ):
+        backend.load()
+    assert not backend.ready
+    write_manifest(exported.path)  # what the operator runs after checking the files
+    backend.load()
+    assert backend.info.version == exported.version
 
 
 # --- 2. the serving signature --------------------------------------------------------------------

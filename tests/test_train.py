@@ -7,10 +7,13 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from integrity.manifest import verify
+from service.classifier import Classifier
 from tests import samples
 from train.dataset import DatasetError, discover
 from train.pipeline import TrainConfig, train
@@ -97,6 +100,46 @@ def test_unreadable_files_are_skipped_and_reported(demo, embedded_backend, tmp_p
     captured = capsys.readouterr()
     assert "features" in captured.err  # the progress bar
     assert "confusion matrix" in captured.out and "label order: 0=" in captured.out
+
+
+def test_the_run_folder_is_vouched_for_by_its_manifest(trained) -> None:
+    folder = trained.classifier_path.parent
+    assert trained.classifier_path.name == "classifier.skops"
+    manifest = verify(folder, "classifier")
+    assert sorted(manifest.files) == ["classifier.skops", "features.npz", "report.json"]
+    assert manifest.excluded == ("report",)  # the HTML report is redrawn at will
+
+
+def test_joblib_format_replaces_the_skops_file(demo, embedded_backend, tmp_path) -> None:
+    data = small_dataset(demo, tmp_path / "data")
+    out = tmp_path / "out"
+    config = TrainConfig(data=data, out=out, cache_dir=tmp_path / "cache", folds=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fewer folds than asked: expected here
+        first = train(config, embedded_backend)
+        second = train(replace(config, format="joblib"), embedded_backend)
+    assert first.classifier_path == out / "classifier.skops"
+    assert second.classifier_path == out / "classifier.joblib"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classifier.joblib",
+        "features.npz",
+        "manifest.json",
+        "report.json",
+    ]
+    assert sorted(verify(out).files) == ["classifier.joblib", "features.npz", "report.json"]
+    assert second.report["classifier"]["file"] == "classifier.joblib"
+    loaded = Classifier.load(second.classifier_path)
+    assert loaded.info.sha256 == second.report["classifier"]["sha256"]
+    assert loaded.info.holdout_accuracy == second.report["holdout"]["accuracy"]
+
+
+def test_cli_format_defaults_to_skops() -> None:
+    from train.__main__ import parse_args
+
+    assert parse_args(["data"]).format == "skops"
+    assert parse_args(["data", "--format", "joblib"]).format == "joblib"
+    with pytest.raises(SystemExit):
+        parse_args(["data", "--format", "pickle"])
 
 
 def test_dataset_layout_is_one_folder_per_label(tmp_path: Path) -> None:
