@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -22,10 +21,13 @@ def main(argv: list[str] | None = None) -> int:
         where = ".".join(str(p) for p in first["loc"])
         print(f"service: error: {where}: {first['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.logs import configure_logging
+
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError as exc:
+        print(f"service: error: log_level: {exc}", file=sys.stderr)
+        return 2
     from service.server import run
 
     return run(settings)

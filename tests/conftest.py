@@ -72,6 +72,7 @@ def settings(exported_model, trained):
         model_dir=exported_model.path.parent,
         classifier=trained.classifier_path,
         grace_s=0.5,
+        metrics_port=0,  # a free port: the default 9464 may be taken on a shared machine
     )
 
 
