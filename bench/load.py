@@ -97,6 +97,8 @@ class LoadConfig:
     `images` are encoded photos, sent round-robin by request number (ghz's data array).
     `duration` > 0 runs for that long and ignores `total` (ghz -z); `rate` is requests per
     second over all workers, 0 for no limit; `timeout` is per request, 0 for none.
+    Without `insecure`, TLS trusts `tls_ca` (PEM; the system's CAs when None) and presents
+    `tls_cert` and `tls_key` when given (mutual TLS); `token` is sent as a bearer token.
     """
 
     target: str
@@ -111,6 +113,10 @@ class LoadConfig:
     insecure: bool = False
     duration_stop: str = "close"
     image_names: tuple[str, ...] = ()
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = field(default=None, repr=False)
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -132,6 +138,10 @@ class LoadConfig:
             return "duration, rate, timeout and top-k cannot be negative"
         if self.duration_stop not in DURATION_STOPS:
             return f"duration-stop must be one of {', '.join(DURATION_STOPS)}"
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return "tls-cert and tls-key go together"
+        if self.insecure and (self.tls_ca or self.tls_cert):
+            return "insecure cannot be combined with tls-ca, tls-cert or tls-key"
         return None
 
 
@@ -339,6 +349,7 @@ class _Run:
         self.errors: list[str] = []
         self.timestamps_ns: list[int] = []
         self.record_cut_off = False  # whether calls cut off at the end count, as Canceled
+        self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
 
     def record(self, started_ns: int, status: str, error: str) -> None:
         self.latencies_ns.append(time.perf_counter_ns() - started_ns)
@@ -353,7 +364,7 @@ class _Run:
         timeout = self.config.timeout or None
         started = time.perf_counter_ns()
         try:
-            await stub.Match(request, timeout=timeout)
+            await stub.Match(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             code = GO_CODE_NAMES.get(exc.code(), "Unknown")
             self.record(started, code, f"rpc error: code = {code} desc = {exc.details() or ''}")
@@ -392,7 +403,7 @@ def _open_channels(config: LoadConfig) -> list[grpc.aio.Channel]:
             grpc.aio.insecure_channel(config.target, options=options)
             for _ in range(config.connections)
         ]
-    credentials = grpc.ssl_channel_credentials()
+    credentials = grpc.ssl_channel_credentials(config.tls_ca, config.tls_key, config.tls_cert)
     return [
         grpc.aio.secure_channel(config.target, credentials, options=options)
         for _ in range(config.connections)
@@ -587,7 +598,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=1, help="channels shared (1)")
     parser.add_argument("--json", type=Path, help="also write ghz's JSON report here")
     parser.add_argument("--insecure", action="store_true", help="plaintext, no TLS")
+    parser.add_argument("--tls-ca", "--cacert", type=Path, help="CA certificate(s) to trust")
+    parser.add_argument("--tls-cert", "--cert", type=Path, help="client certificate (mTLS)")
+    parser.add_argument("--tls-key", "--key", type=Path, help="client private key (mTLS)")
+    parser.add_argument("--token-file", type=Path, help="file holding the bearer token")
     return parser.parse_args(argv)
+
+
+def _read_optional(path: Path | None, flag: str) -> bytes | None:
+    try:
+        return path.read_bytes() if path is not None else None
+    except OSError as exc:
+        raise _UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
 
 def _config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -597,6 +619,7 @@ def _config_from_args(args: argparse.Namespace) -> LoadConfig:
             images.append(path.read_bytes())
         except OSError as exc:
             raise _UsageError(f"cannot read image {path}: {exc.strerror}") from None
+    token = _read_optional(args.token_file, "--token-file")
     try:
         return LoadConfig(
             target=args.target,
@@ -611,6 +634,10 @@ def _config_from_args(args: argparse.Namespace) -> LoadConfig:
             insecure=args.insecure,
             duration_stop=args.duration_stop,
             image_names=tuple(str(path) for path in args.image),
+            tls_ca=_read_optional(args.tls_ca, "--tls-ca"),
+            tls_cert=_read_optional(args.tls_cert, "--tls-cert"),
+            tls_key=_read_optional(args.tls_key, "--tls-key"),
+            token=token.decode("utf-8", "replace").rstrip("\r\n") if token else "",
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None

@@ -1,4 +1,8 @@
-"""`python -m service.client IMAGE... [--top-k N] [--target HOST:PORT]`: print ranked labels."""
+"""`python -m service.client IMAGE... [--top-k N] [--target HOST:PORT]`: print ranked labels.
+
+Plaintext by default; `--tls-ca` (and `--tls-cert`/`--tls-key` for mutual TLS) switch to TLS,
+`--token-file` sends `authorization: Bearer <token>` with every call.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +24,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="labels to show; 0 = all (5)")
     parser.add_argument("--target", default="localhost:50051", help="server (localhost:50051)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, s (30)")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    parser.add_argument("--tls-ca", type=Path, help="TLS: CA certificate(s) to trust (PEM)")
+    parser.add_argument("--tls-cert", type=Path, help="mutual TLS: client certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="mutual TLS: client private key (PEM)")
+    parser.add_argument("--token-file", type=Path, help="file holding the bearer token")
     args = parser.parse_args(argv)
     if args.top_k < 0:
         parser.error("--top-k must be 0 or more")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return args
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext unless a TLS option is given. Raises OSError for an unreadable file."""
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(args.target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+        private_key=args.tls_key.read_bytes() if args.tls_key else None,
+        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+    )
+    return grpc.secure_channel(args.target, credentials)
+
+
+def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The bearer token from --token-file (its trailing newline dropped), if any."""
+    if args.token_file is None:
+        return ()
+    token = args.token_file.read_text().rstrip("\r\n")
+    return (("authorization", f"Bearer {token}"),)
 
 
 def format_response(path: Path, response: matcher_pb2.MatchResponse) -> str:
@@ -38,12 +69,18 @@ def format_response(path: Path, response: matcher_pb2.MatchResponse) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     failures = 0
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        metadata = call_metadata(args)
+        channel = open_channel(args)
+    except OSError as exc:
+        print(f"client: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = matcher_pb2_grpc.MatcherStub(channel)
         for path in args.images:
             try:
                 request = matcher_pb2.ImageRequest(image=path.read_bytes(), top_k=args.top_k)
-                response = stub.Match(request, timeout=args.timeout)
+                response = stub.Match(request, timeout=args.timeout, metadata=metadata)
             except OSError as exc:
                 print(f"client: error: {path}: {exc.strerror or exc}", file=sys.stderr)
                 failures += 1

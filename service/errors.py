@@ -33,3 +33,7 @@ class OverloadedError(MatcherError):
 
 class ModelLoadError(MatcherError):
     """A model file is missing, does not verify, or does not fit the other model."""
+
+
+class ConfigurationError(MatcherError):
+    """The settings do not fit together, or a file they name cannot be used; refuses to start."""
