@@ -6,7 +6,7 @@ process, driven by bench/load.py at each concurrency: requests/s and p50/p95/p99
 to those two figures.
 
     .venv/bin/python -m bench.service --model-dir models/backbones/efficientnet_lite0 \
-        --classifier models/classifiers/efficientnet_lite0/classifier.joblib \
+        --classifier models/classifiers/efficientnet_lite0/classifier.skops \
         --image deploy/ghz/chelsea.jpg [--concurrency 1,4,16,64] [--total 300] [--json out.json]
 """
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classifier",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0/classifier.joblib"),
+        default=Path("models/classifiers/efficientnet_lite0/classifier.skops"),
     )
     parser.add_argument("--image", type=Path, default=Path("deploy/ghz/chelsea.jpg"))
     parser.add_argument("--concurrency", default="1,4,16,64")

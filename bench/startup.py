@@ -6,7 +6,7 @@ the `tfserving` backend a TF Serving test double (tests/tfserving_double.py, whi
 TensorFlow) runs in another process, so its memory is not counted.
 
     .venv/bin/python -m bench.startup --model-base-path models/backbones \
-        --classifier models/classifiers/efficientnet_lite0/classifier.joblib \
+        --classifier models/classifiers/efficientnet_lite0/classifier.skops \
         --image data/demo/queries/chelsea/chelsea_0000.jpg [--json out.json]
 """
 
@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,11 +50,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_serving(target: str, deadline_s: float) -> None:
+def wait_serving(
+    target: str, deadline_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll health until SERVING; raises if `process` exits first or time runs out."""
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the matcher exited with status {process.returncode}")
             try:
                 answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if answer.status == SERVING:
@@ -71,19 +77,26 @@ def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes],
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), *flags],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        target = f"localhost:{port}"
-        wait_serving(target, 300)
-        yield process, target, time.monotonic() - started
-    finally:
-        process.terminate()
-        process.wait(30)
+    # Its log goes to a file, read back when it fails to start: a refused model says why.
+    with tempfile.TemporaryFile() as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), *flags],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        try:
+            target = f"localhost:{port}"
+            try:
+                wait_serving(target, 300, process)
+            except (RuntimeError, TimeoutError) as exc:
+                log_file.seek(0)
+                tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"{exc}; its last log lines:\n" + "\n".join(tail)) from None
+            yield process, target, time.monotonic() - started
+        finally:
+            process.terminate()
+            process.wait(30)
 
 
 def measure(flags: list[str], image: bytes, calls: int) -> dict[str, float]:
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classifier",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0/classifier.joblib"),
+        default=Path("models/classifiers/efficientnet_lite0/classifier.skops"),
     )
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=20, help="Match calls before measuring")

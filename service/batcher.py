@@ -10,12 +10,15 @@ holds a call back to let a batch fill, as TF Serving's `batch_timeout_micros` do
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service import metrics
 from service.errors import InvalidImageError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,10 @@ class BatchingOptions:
     #: How long a call may wait for more requests before it runs; 0 runs at once.
     timeout_s: float = 0.0
     #: Requests allowed to wait; beyond that, callers are told the server is overloaded.
-    max_queue: int = 256
+    max_queue: int = 64
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a caller that gives up removes its own entry
 class _Pending:
     image: bytes
     future: asyncio.Future[Any]
@@ -47,22 +50,38 @@ class DynamicBatcher:
     def __init__(self, run_batch: BatchFn, options: BatchingOptions) -> None:
         self._run_batch = run_batch
         self._options = options
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=options.max_queue)
+        # A deque, not an asyncio.Queue: a caller that gives up (its deadline passed, it
+        # cancelled) takes its entry out at once, so abandoned requests neither hold queue
+        # places nor reach the model.
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        #: Sizes of the batches run so far (tests and metrics read it).
-        self.batch_sizes: list[int] = []
+        #: Sizes of the latest batches (tests read it; the matcher_batch_size histogram keeps
+        #: the whole history without growing).
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     async def features(self, image: bytes) -> Any:
         """The answer for one image (what `run_batch` gives per image), computed in a batch."""
         self._ensure_worker()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Pending(image, future))
-        except asyncio.QueueFull:
+        if len(self._queue) >= self._options.max_queue:
             raise OverloadedError(
-                f"{self._options.max_queue} requests are already waiting; retry later"
-            ) from None
-        return await future
+                f"server overloaded: {self._options.max_queue} requests are already waiting "
+                "for the model; retry later"
+            )
+        pending = _Pending(image, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._arrived.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if pending in self._queue:  # still waiting: nobody will send it now
+                self._queue.remove(pending)
+            raise
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a model call now (not counting the batch in flight)."""
+        return len(self._queue)
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -72,7 +91,11 @@ class DynamicBatcher:
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._work(), name="dynamic-batcher")
+            # A fresh context: the worker serves every caller, so it must not keep the request
+            # id of the call that happened to start it.
+            self._worker = asyncio.create_task(
+                self._work(), name="dynamic-batcher", context=contextvars.Context()
+            )
 
     async def _work(self) -> None:
         while True:
@@ -81,24 +104,34 @@ class DynamicBatcher:
                 await self._run(batch)
 
     async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
+        while not self._queue:
+            await self._wait_for_arrival(None)
+        batch = [self._queue.popleft()]
         deadline = time.monotonic() + self._options.timeout_s
         while len(batch) < self._options.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if self._queue:
+                batch.append(self._queue.popleft())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        # A caller whose deadline passed while waiting no longer needs an answer.
+        # A caller whose deadline passed while the batch filled no longer needs an answer.
         return [p for p in batch if not p.future.done()]
+
+    async def _wait_for_arrival(self, timeout_s: float | None) -> bool:
+        """Wait until a request is queued; False when `timeout_s` passed first."""
+        self._arrived.clear()
+        if self._queue:
+            return True
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _run(self, batch: list[_Pending]) -> None:
         self.batch_sizes.append(len(batch))
+        metrics.BATCH_SIZE.observe(len(batch))
         try:
             rows = await asyncio.to_thread(self._run_batch, [p.image for p in batch])
         except InvalidImageError as exc:

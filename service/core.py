@@ -3,19 +3,26 @@
 It knows nothing of gRPC. Blocking TensorFlow and scikit-learn calls run in worker threads
 (through the dynamic batcher: one thread call per batch, for both models), so the event loop
 keeps serving while a model works.
+
+Hot reload swaps the backbone and the classifier between batches, never during one: every answer
+is computed by one pair of models and names that pair.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from service.backends.base import FeatureBackend
+from service import metrics
+from service.backends.base import FeatureBackend, PreparedModel
 from service.batcher import BatchingOptions, DynamicBatcher
 from service.classifier import Classifier
 from service.domain import (
+    BackboneInfo,
     EmbedResult,
     LabelScore,
     MatchResult,
@@ -26,6 +33,16 @@ from service.errors import ModelLoadError, NotReadyError
 from service.images import ImageLimits, inspect_image
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One image's answer and the models that computed it."""
+
+    features: np.ndarray
+    probabilities: np.ndarray
+    labels: list[str]
+    model: ModelIdentity
 
 
 class MatcherCore:
@@ -42,6 +59,8 @@ class MatcherCore:
         self._load_classifier = load_classifier
         self._limits = limits
         self._classifier: Classifier | None = None
+        # Held for each batch and for each swap, so a swap waits for the batch in flight.
+        self._swap_lock = threading.Lock()
         # One worker-thread call per batch does both models: features and probabilities.
         self.batcher = DynamicBatcher(self._answer_batch, batching or BatchingOptions())
 
@@ -49,18 +68,29 @@ class MatcherCore:
         """Load both models and check that they fit together (blocking)."""
         self._backend.load()
         classifier = self._load_classifier()
-        backbone = self._backend.info
-        if classifier.info.feature_dim != backbone.feature_dim:
-            raise ModelLoadError(
-                f"classifier expects {classifier.info.feature_dim} features but backbone "
-                f"{backbone.name} gives {backbone.feature_dim}; retrain on this backbone"
-            )
-        if classifier.info.backbone not in (None, backbone.name):
-            raise ModelLoadError(
-                f"classifier was trained on {classifier.info.backbone} features but the "
-                f"backend serves {backbone.name}"
-            )
+        check_fit(self._backend.info, classifier)
         self._classifier = classifier
+
+    @property
+    def backend(self) -> FeatureBackend:
+        return self._backend
+
+    def read_classifier(self) -> Classifier:
+        """Load the configured classifier file afresh, verified (blocking; not served yet)."""
+        return self._load_classifier()
+
+    def swap(self, backbone: PreparedModel | None, classifier: Classifier | None) -> None:
+        """Serve a new backbone and/or classifier from the next batch on (blocking).
+
+        The pair that would result is checked first; on ModelLoadError nothing changes.
+        """
+        current = self._require_ready()
+        new_classifier = classifier or current
+        check_fit(backbone.info if backbone else self._backend.info, new_classifier)
+        with self._swap_lock:
+            if backbone is not None:
+                self._backend.activate(backbone)
+            self._classifier = new_classifier
 
     def check_backend(self) -> None:
         """Raise BackendUnavailableError when the feature backend cannot be reached (blocking)."""
@@ -72,15 +102,15 @@ class MatcherCore:
 
     async def match(self, image: bytes, top_k: int) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels."""
-        classifier = self._require_ready()
-        _, probabilities = await self._answer(image)
-        return MatchResult(_ranked(classifier.labels, probabilities, top_k), self.identity())
+        self._require_ready()
+        answer = await self._answer(image)
+        return MatchResult(_ranked(answer.labels, answer.probabilities, top_k), answer.model)
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image."""
         self._require_ready()
-        features = await self._features(image)
-        return EmbedResult(features[0], self.identity())
+        answer = await self._answer(image)
+        return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
         classifier = self._require_ready()
@@ -100,26 +130,43 @@ class MatcherCore:
             feature_backend=self._backend.kind,
         )
 
-    async def _features(self, image: bytes) -> np.ndarray:
-        """float32 [1, D] for one image."""
-        features, _ = await self._answer(image)
-        return features[np.newaxis]
-
-    async def _answer(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """(features, probabilities) of one image, computed in a batch with concurrent ones."""
+    async def _answer(self, image: bytes) -> _Answer:
+        """One image's answer, computed in a batch with concurrent ones."""
         inspect_image(image, self._limits)
-        return await self.batcher.features(image)
+        answer: _Answer = await self.batcher.features(image)
+        return answer
 
-    def _answer_batch(self, images: Sequence[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
         """Blocking: features of a batch, then the classifier's probabilities for all of it."""
-        features = self._backend.features(images)
-        classifier = self._require_ready()
-        return list(zip(features, classifier.probabilities(features), strict=True))
+        with self._swap_lock:
+            with metrics.BACKEND_DURATION.labels(self._backend.kind).time():
+                features = self._backend.features(images)
+            classifier = self._require_ready()
+            probabilities = classifier.probabilities(features)
+            model = self.identity()
+        labels = classifier.labels
+        return [
+            _Answer(row, p, labels, model) for row, p in zip(features, probabilities, strict=True)
+        ]
 
     def _require_ready(self) -> Classifier:
         if self._classifier is None or not self._backend.ready:
             raise NotReadyError("models are not loaded yet; retry shortly")
         return self._classifier
+
+
+def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
+    """Raise ModelLoadError unless the classifier was trained on this backbone's features."""
+    if classifier.info.feature_dim != backbone.feature_dim:
+        raise ModelLoadError(
+            f"classifier expects {classifier.info.feature_dim} features but backbone "
+            f"{backbone.name} gives {backbone.feature_dim}; retrain on this backbone"
+        )
+    if classifier.info.backbone not in (None, backbone.name):
+        raise ModelLoadError(
+            f"classifier was trained on {classifier.info.backbone} features but the "
+            f"backend serves {backbone.name}"
+        )
 
 
 def _ranked(labels: list[str], probabilities: np.ndarray, top_k: int) -> list[LabelScore]:

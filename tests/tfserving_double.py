@@ -25,8 +25,10 @@ What it copies from TF Serving (C++ sources in tensorflow/serving, cited where u
 * GetModelStatus: one version, or every loaded version newest first, AVAILABLE with status OK.
 * Error messages longer than 1024 characters are cut and marked "...TRUNCATED".
 
-What it adds, for tests (all thread-safe and usable while serving): `delay_s`, `fail_with`, a
-count of Predict calls with the batch size of each, and `stop()`/`restart()` on the same port.
+What it adds, for tests (all thread-safe and usable while serving): `delay_s` (every RPC) and
+`predict_delay_s` (Predict only: a backend slow to compute but quick to answer status checks),
+both applied to calls already waiting when changed; `fail_with`, `fail_next`; a count of Predict
+calls with the batch size of each; and `stop()`/`restart()` on the same port.
 
 Run it by hand: `python -m tests.tfserving_double --model-base-path DIR --port 8500`.
 """
@@ -172,6 +174,7 @@ class TFServingDouble:
         self._executor: futures.ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._delay_s = 0.0
+        self._predict_delay_s = 0.0
         self._fail_with: grpc.StatusCode | None = None
         self._fail_next: list[grpc.StatusCode] = []
         self._batch_sizes: list[int] = []
@@ -273,6 +276,19 @@ class TFServingDouble:
             self._delay_s = float(value)
 
     @property
+    def predict_delay_s(self) -> float:
+        """Seconds each Predict waits, on top of `delay_s`. Lowering it releases waiting calls."""
+        with self._controls:
+            return self._predict_delay_s
+
+    @predict_delay_s.setter
+    def predict_delay_s(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("predict_delay_s must be >= 0")
+        with self._controls:
+            self._predict_delay_s = float(value)
+
+    @property
     def fail_with(self) -> grpc.StatusCode | None:
         """When set, every RPC is answered with this status instead (after `delay_s`)."""
         with self._controls:
@@ -312,6 +328,7 @@ class TFServingDouble:
         """No delay, no injected failure."""
         with self._controls:
             self._delay_s = 0.0
+            self._predict_delay_s = 0.0
             self._fail_with = None
             self._fail_next.clear()
 
@@ -330,7 +347,7 @@ class TFServingDouble:
         context: grpc.ServicerContext,
     ) -> Response:
         """Answer one RPC: injected delay, injected failure, then `handler` or its error."""
-        self._pause(context)
+        self._pause(rpc, context)
         if not context.is_active():
             # The client gave up during the delay: do not spend CPU on an answer nobody reads.
             context.abort(grpc.StatusCode.CANCELLED, "the client went away")
@@ -493,14 +510,21 @@ class TFServingDouble:
             )
         return version
 
-    def _pause(self, context: grpc.ServicerContext) -> None:
-        """Sleep `delay_s`, cut short when the client gives up or the server stops."""
-        deadline = time.monotonic() + self.delay_s
+    def _pause(self, rpc: str, context: grpc.ServicerContext) -> None:
+        """Sleep the injected delay, cut short when the client gives up or the server stops.
+
+        The delay is read again while sleeping, so that lowering it releases waiting calls.
+        """
+        started = time.monotonic()
         while context.is_active() and not self._stopping.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = started + self._delay_for(rpc) - time.monotonic()
             if remaining <= 0:
                 return
             self._stopping.wait(min(remaining, 0.05))
+
+    def _delay_for(self, rpc: str) -> float:
+        with self._controls:
+            return self._delay_s + (self._predict_delay_s if rpc == "Predict" else 0.0)
 
     def _bind(self) -> tuple[grpc.Server, futures.ThreadPoolExecutor]:
         """A new server on the remembered port. Retried briefly: the old socket may linger."""

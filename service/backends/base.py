@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from service.domain import BackboneInfo
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A backbone made ready to serve beside the one serving now (hot reload)."""
+
+    info: BackboneInfo
+    #: What the backend serves it with (a loaded signature; nothing for TF Serving).
+    handle: Any = None
 
 
 class FeatureBackend(Protocol):
@@ -40,3 +50,19 @@ class FeatureBackend(Protocol):
         Raises InvalidImageError when an image cannot be decoded, BackendUnavailableError
         when the model cannot be reached.
         """
+
+    def candidate(self) -> Hashable | None:
+        """A key naming the model that should be served now, or None when it is served already.
+
+        Cheap (a directory listing or one status call). The key changes whenever what would be
+        loaded changes, so a watcher can wait for it to settle and remember refused ones.
+        """
+
+    def prepare(self) -> PreparedModel:
+        """Load the model `candidate` names, beside the served one (blocking, slow).
+
+        Raises ModelLoadError when it cannot be served; the served model is untouched.
+        """
+
+    def activate(self, prepared: PreparedModel) -> None:
+        """Serve `prepared` from the next `features` call on (cheap)."""

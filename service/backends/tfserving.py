@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import numpy as np
 
 from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
 from service.backends import tfs_api
+from service.backends.base import PreparedModel
 from service.backends.tf_messages import decoder_reason, is_decode_error
 from service.backends.tfserving_protos import (
     features_from_response,
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Statuses that mean "TF Serving is not there right now", as opposed to "it said no".
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: gRPC waits longer and longer between reconnection attempts (up to 120 s by default), so after
+#: a long outage the matcher would notice TF Serving's return minutes late. One attempt a second
+#: per address is cheap and brings service back within about a second of TF Serving's return.
+MAX_RECONNECT_BACKOFF_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class TFServingBackend:
                 ("grpc.max_receive_message_length", options.max_message_bytes),
                 ("grpc.service_config", service_config(options.max_attempts)),
                 ("grpc.enable_retries", 1),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ],
         )
         api = self._api
@@ -118,15 +124,32 @@ class TFServingBackend:
         Raises BackendUnavailableError while TF Serving cannot be reached (the caller retries)
         and ModelLoadError when it answers but the model does not fit.
         """
+        self.activate(self.prepare())
+
+    def candidate(self) -> Hashable | None:
+        """TF Serving's newest AVAILABLE version, when it is not the one described now.
+
+        TF Serving loads and unloads versions itself; the matcher only follows, so that its
+        answers name the version that computed them and a new feature size is caught.
+        """
         version = self._available_version()
-        self._info = self._signature_info(version)
+        if self._info is not None and self._info.version == version:
+            return None
+        return version
+
+    def prepare(self) -> PreparedModel:
+        info = self._signature_info(self._available_version())
         log.info(
             "TF Serving %s serves %s version %d (%d features)",
             self._options.target,
-            self._info.name,
-            self._info.version,
-            self._info.feature_dim,
+            info.name,
+            info.version,
+            info.feature_dim,
         )
+        return PreparedModel(info)
+
+    def activate(self, prepared: PreparedModel) -> None:
+        self._info = prepared.info
 
     def check(self) -> None:
         """Raise BackendUnavailableError unless the model is still AVAILABLE."""

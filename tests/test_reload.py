@@ -1,0 +1,196 @@
+"""Hot reload through a real server: new classifier files and SavedModel versions are swapped in
+under load with no failed request; tampered files are refused, logged and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import joblib
+import pytest
+
+from integrity.manifest import write_manifest
+from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from tests.conftest import query_images
+
+RELOADS = 10
+
+
+@pytest.fixture
+def model_copies(tmp_path: Path, exported_model, trained) -> tuple[Path, Path]:
+    """Private copies of the SavedModel base path and the classifier folder, to change."""
+    models = tmp_path / "models"
+    shutil.copytree(exported_model.path.parent, models)
+    classifiers = tmp_path / "classifier"
+    shutil.copytree(trained.classifier_path.parent, classifiers)
+    return models, classifiers / trained.classifier_path.name
+
+
+def new_classifier_file(path: Path, generation: int, source: Path) -> None:
+    """The estimator of `source` in other bytes (another sha256), put in place as `train` does."""
+    from service.classifier import Classifier
+
+    estimator = Classifier.load(source)._estimator
+    estimator.reload_generation_ = generation  # changes the bytes, not the answers
+    staging = path.with_name(f".staging{path.suffix}")
+    if path.suffix == ".skops":
+        import skops.io
+
+        skops.io.dump(estimator, staging)
+    else:
+        joblib.dump(estimator, staging)
+    os.replace(staging, path)
+    write_manifest(path.parent)
+
+
+def new_backbone_version(models: Path, version: int) -> None:
+    """A copy of version 1 renamed into place as version N, as `export` does."""
+    staging = models / f".staging-{version}"
+    shutil.copytree(models / "1", staging)
+    os.rename(staging, models / str(version))
+
+
+async def start(settings):
+    from service.server import make_core, start_server
+
+    running = await start_server(settings, make_core(settings))
+    await running.load_models()
+    return running
+
+
+def reload_settings(settings, models: Path, classifier: Path, interval_s: float):
+    return settings.model_copy(
+        update={"model_dir": models, "classifier": classifier, "reload_interval_s": interval_s}
+    )
+
+
+async def identity(stub: matcher_pb2_grpc.MatcherStub) -> tuple[int, str]:
+    info = await stub.GetModelInfo(matcher_pb2.GetModelInfoRequest(), timeout=10)
+    return info.model.model_version, info.model.classifier_sha256
+
+
+async def wait_for_change(stub, before: tuple[int, str], limit_s: float = 120) -> tuple[int, str]:
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        now = await identity(stub)
+        if now != before:
+            return now
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no reload within {limit_s} s (still {before})")
+
+
+async def test_ten_reloads_under_load_fail_no_request(settings, model_copies, demo, trained):
+    models, classifier = model_copies
+    running = await start(reload_settings(settings, models, classifier, interval_s=0.1))
+    lifecycle = asyncio.create_task(running.watcher.run(running.reload_interval_s))
+    images = [path.read_bytes() for _, path in query_images(demo)[:8]]
+    outcomes: Counter[str] = Counter()
+    seen_models: set[tuple[int, str]] = set()
+    stop = asyncio.Event()
+
+    async def client(stub: matcher_pb2_grpc.MatcherStub, worker: int) -> None:
+        i = worker
+        while not stop.is_set():
+            try:
+                response = await stub.Match(
+                    matcher_pb2.ImageRequest(image=images[i % len(images)], top_k=3), timeout=30
+                )
+                outcomes["OK"] += 1
+                seen_models.add((response.model.model_version, response.model.classifier_sha256))
+            except grpc.aio.AioRpcError as exc:
+                outcomes[exc.code().name] += 1
+            i += 1
+
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = matcher_pb2_grpc.MatcherStub(channel)
+            workers = [asyncio.create_task(client(stub, w)) for w in range(4)]
+            served = [await identity(stub)]
+            for n in range(RELOADS):
+                if n % 2 == 0:
+                    new_backbone_version(models, version=2 + n // 2)
+                else:
+                    new_classifier_file(classifier, generation=n, source=trained.classifier_path)
+                served.append(await wait_for_change(stub, served[-1]))
+            await asyncio.sleep(0.3)  # some requests on the last pair too
+            stop.set()
+            await asyncio.gather(*workers)
+    finally:
+        lifecycle.cancel()
+        await running.stop(0)
+
+    print(f"\n{RELOADS} reloads under load: {dict(outcomes)}; pairs served {len(served)}")
+    assert set(outcomes) == {"OK"}, outcomes
+    assert outcomes["OK"] > 50
+    assert len(set(served)) == RELOADS + 1
+    assert served[-1][0] == 1 + RELOADS // 2  # the newest backbone version
+    # Every answer named a pair that was really served.
+    assert seen_models <= set(served)
+    assert len(seen_models) > RELOADS // 2
+
+
+def reload_failures() -> float:
+    """matcher_reload_failures_total over both models, from the process's registry."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        REGISTRY.get_sample_value("matcher_reload_failures_total", {"model": model}) or 0.0
+        for model in ("backbone", "classifier")
+    )
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+async def test_tampered_files_are_refused_logged_counted_and_old_models_keep_serving(
+    settings, model_copies, demo, trained, caplog: pytest.LogCaptureFixture
+):
+    models, classifier = model_copies
+    # Polled by hand below (twice: a change must settle), not by the timer.
+    running = await start(reload_settings(settings, models, classifier, interval_s=3600))
+    watcher = running.watcher
+    before = running.core.identity()
+    failures_before = reload_failures()
+    image = query_images(demo)[0][1].read_bytes()
+    try:
+        # A classifier replaced without a matching manifest.
+        new_classifier_file(classifier, generation=100, source=trained.classifier_path)
+        flip_byte(classifier)
+        # A new backbone version with one variables byte changed after export.
+        new_backbone_version(models, version=2)
+        flip_byte(next((models / "2" / "variables").glob("*.data-*")))
+        with caplog.at_level(logging.WARNING, logger="service.reload"):
+            assert watcher.check_once().refused == {}  # first sight: not settled yet
+            outcome = await asyncio.to_thread(watcher.check_once)
+        assert set(outcome.refused) == {"backbone", "classifier"}
+        assert "sha256" in outcome.refused["classifier"]
+        assert running.core.identity() == before
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 2
+        assert reload_failures() - failures_before == 2
+        # Not tried again until the files change.
+        assert watcher.check_once().refused == {}
+
+        async with grpc.aio.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = matcher_pb2_grpc.MatcherStub(channel)
+            response = await stub.Match(matcher_pb2.ImageRequest(image=image), timeout=30)
+            assert response.model.classifier_sha256 == before.classifier_sha256
+            assert response.model.model_version == before.model_version
+
+        # Mended files are picked up.
+        new_classifier_file(classifier, generation=101, source=trained.classifier_path)
+        watcher.check_once()
+        outcome = await asyncio.to_thread(watcher.check_once)
+        assert outcome.swapped == ["classifier"]
+        assert running.core.identity().classifier_sha256 != before.classifier_sha256
+    finally:
+        await running.stop(0)
