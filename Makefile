@@ -30,7 +30,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
-	@echo "make bench    extraction (loop, pipeline, ceiling), the service under load beside the model's ceiling, start-up"
+	@echo "make bench    extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model's ceiling, start-up, training time"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -88,13 +88,24 @@ format: $(INSTALLED)
 	$(PY) -m ruff check --fix .
 
 # Figures, printed and written to build/bench-*.json (see each script's docstring).
+# Speed does not depend on weight values: Inception v3 is timed with random weights (its
+# ImageNet weights cannot be downloaded here). Figures go to build/bench-*.json.
+BENCH_MODELS := build/bench-models
 bench: export demo
 	$(MAKE) $(CLASSIFIER)
 	mkdir -p build
-	$(PY) -m bench.pipeline --model-dir $(MODEL_DIR) --images $(DEMO)/train --json build/bench-pipeline.json
+	$(PY) -m export --backbone inception_v3 --weights random --base-path $(BENCH_MODELS)/fp32 --if-missing
+	$(PY) -m export --backbone inception_v3 --weights random --precision bf16 \
+		--base-path $(BENCH_MODELS)/bf16 --if-missing
+	$(PY) -m export --backbone efficientnet_lite0 --precision bf16 --base-path $(BENCH_MODELS)/bf16 --if-missing
+	$(PY) -m bench.pipeline --images $(DEMO)/train --json build/bench-pipeline.json \
+		--model-dir $(BENCH_MODELS)/fp32/inception_v3 --model-dir $(BENCH_MODELS)/bf16/inception_v3 \
+		--model-dir $(MODEL_DIR) --model-dir $(BENCH_MODELS)/bf16/efficientnet_lite0
+	$(PY) -m bench.precision --json build/bench-precision.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
+	$(PY) -m bench.training --json build/bench-training.json
 
 # Steady load on a matcher process; fails on any error or on RSS growth above 5 % after warm-up.
 SOAK_S ?= 1200
