@@ -30,7 +30,7 @@ from service.domain import (
     ModelIdentity,
 )
 from service.errors import ModelLoadError, NotReadyError
-from service.images import ImageLimits, inspect_image
+from service.images import ImageLimits, inspect_image, load_image_readers
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class MatcherCore:
 
     def load(self) -> None:
         """Load both models and check that they fit together (blocking)."""
+        load_image_readers()
         self._backend.load()
         classifier = self._load_classifier()
         check_fit(self._backend.info, classifier)
