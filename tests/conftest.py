@@ -63,6 +63,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory, demo, embedded_backend):
     return train(config, embedded_backend)
 
 
+@pytest.fixture(scope="module")
+def double(exported_model):
+    """The TF Serving test double serving the exported model's base path, for one module."""
+    from tests.tfserving_double import TFServingDouble
+
+    with TFServingDouble(exported_model.path.parent.parent) as double:
+        yield double
+
+
 @pytest.fixture(scope="session")
 def settings(exported_model, trained):
     from service.config import Settings

@@ -44,12 +44,6 @@ class Outcome:
         return self.ended - self.started
 
 
-@pytest.fixture(scope="module")
-def double(exported_model) -> Iterator[TFServingDouble]:
-    with TFServingDouble(exported_model.path.parent.parent) as double:
-        yield double
-
-
 @pytest.fixture(autouse=True)
 def _clean_double(double: TFServingDouble) -> Iterator[None]:
     double.reset_faults()

@@ -32,12 +32,6 @@ MODEL = "efficientnet_lite0"
 Health = health_pb2.HealthCheckResponse
 
 
-@pytest.fixture(scope="module")
-def double(exported_model) -> Iterator[TFServingDouble]:
-    with TFServingDouble(exported_model.path.parent.parent) as double:
-        yield double
-
-
 @pytest.fixture(autouse=True)
 def _clean_double(double: TFServingDouble) -> Iterator[None]:
     yield
