@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="where classifier.joblib, report.json and report/ go "
+        help="where the classifier, report.json, manifest.json and report/ go "
         "(default: models/classifiers/<model folder name>, or models/classifiers/hog)",
     )
     parser.add_argument(
@@ -59,7 +59,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
-    parser.add_argument("--folds", type=int, default=10, help="cross-validation folds (10)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=10,
+        help="cross-validation folds (10; --search auto: at most 5 above 1,000 samples)",
+    )
+    parser.add_argument(
+        "--search",
+        choices=("auto", "full"),
+        default="auto",
+        help="SVM search: auto (default) searches at most 2,500 training samples, a stratified "
+        "subsample above, and refits the winner on all; full searches every sample (hours at "
+        "tens of thousands)",
+    )
     parser.add_argument("--holdout", type=float, default=0.2, help="held-out share (0.2)")
     parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
     parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
@@ -78,6 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-report", action="store_true", help="skip the HTML report and its pictures"
+    )
+    parser.add_argument(
+        "--format",
+        # train.pipeline.CLASSIFIER_FILES, spelt out to keep --help quick.
+        choices=("skops", "joblib"),
+        default="skops",
+        help="classifier file format: skops (default; loads without running code) or joblib "
+        "(a pickle: runs code when loaded)",
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.folds < 2 or not 0 < args.holdout < 1:
@@ -119,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         baselines=args.features == "cnn" and not args.no_baselines,
         model_dir=args.model_dir if args.features == "cnn" and args.backend == "embedded" else None,
+        format=args.format,
+        search=args.search,
     )
     try:
         backend = make_backend(settings) if args.features == "cnn" else _hog_backend()

@@ -1,4 +1,9 @@
-"""Labelled folder -> features (through the serving backend) -> SVM grid search -> files."""
+"""Labelled folder -> features (through the serving backend) -> SVM grid search -> files.
+
+The run folder gets the classifier (`classifier.skops`, or `classifier.joblib` with
+`format="joblib"`), `report.json`, `features.npz` and, last, `manifest.json` with every file's
+sha256: the service refuses a classifier the manifest does not vouch for.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from integrity.manifest import write_manifest
 from service.backends.base import FeatureBackend
 from service.classifier import REPORT_FILE, file_sha256
 from train.dataset import DatasetError, discover
@@ -27,7 +32,10 @@ from train.svm import best_params, grid_search
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_FILE = "classifier.joblib"
+#: Classifier file per format. skops rebuilds the estimator without running code from the
+#: file; joblib is a pickle (runs code when loaded), kept for files and tools that expect it.
+CLASSIFIER_FILES = {"skops": "classifier.skops", "joblib": "classifier.joblib"}
+DEFAULT_FORMAT = "skops"
 #: Every image's features, label, path and split, for the report's pictures.
 FEATURES_FILE = "features.npz"
 
@@ -49,6 +57,10 @@ class TrainConfig:
     baselines: bool = False
     #: The SavedModel base path the features came from (recorded for the report's pictures).
     model_dir: Path | None = None
+    #: The classifier file format: a key of CLASSIFIER_FILES.
+    format: str = DEFAULT_FORMAT
+    #: The SVM search: "auto" (a subsample above train.svm.SEARCH_SAMPLES) or "full".
+    search: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,9 @@ class TrainResult:
 
 
 def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
-    """Run the whole training and write `classifier.joblib` and `report.json` under `out`."""
+    """Run the whole training and write the classifier, its report and manifest under `out`."""
+    if config.format not in CLASSIFIER_FILES:
+        raise ValueError(f"unknown classifier format {config.format!r}")
     dataset = discover(config.data)
     if not backend.ready:
         backend.load()
@@ -83,11 +97,13 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
     started = time.perf_counter()
-    search = grid_search(x_train, y_train, config.folds, config.jobs, config.seed)
+    search = grid_search(
+        x_train, y_train, config.folds, config.jobs, config.seed, strategy=config.search
+    )
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
     holdout = holdout_metrics(names, y_test, list(search.predict(x_test)))
-    classifier_path = _save(search.best_estimator_, config.out / CLASSIFIER_FILE)
+    classifier_path = _save(search.best_estimator_, config.out, config.format)
     sha256 = file_sha256(classifier_path)
     save_features(
         config.out / FEATURES_FILE,
@@ -116,7 +132,8 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         },
         backbone=info,
         backend=backend.kind,
-        search=search_summary(search, seconds),
+        # + how the search ran: strategy, samples searched, folds, calibration folds.
+        search=search_summary(search, seconds) | search.plan.as_dict(),
         holdout=holdout,
         classifier_file=classifier_path,
         classifier_sha256=sha256,
@@ -127,6 +144,8 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
     write_report(report, report_path)
+    # Last: it vouches for every file above (the HTML report/ drawn later is not covered).
+    write_manifest(config.out, tool="train", kind="classifier")
     _print_summary(report, holdout, best_params(search))
     return TrainResult(classifier_path, report_path, report)
 
@@ -141,11 +160,24 @@ def _check_enough(labels: list[str]) -> None:
         )
 
 
-def _save(estimator: object, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(estimator: object, out: Path, file_format: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CLASSIFIER_FILES[file_format]
     tmp = path.with_name(path.name + ".tmp")
-    joblib.dump(estimator, tmp)
+    if file_format == "skops":
+        import skops.io
+
+        skops.io.dump(estimator, tmp)
+    else:
+        import joblib
+
+        joblib.dump(estimator, tmp)
     tmp.replace(path)  # a running server never sees a half-written file
+    for other in CLASSIFIER_FILES.values():
+        if other != path.name:
+            # An earlier run's file in the other format would be listed by the new manifest
+            # though the report describes this one: one classifier per folder.
+            (out / other).unlink(missing_ok=True)
     return path
 
 
