@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples, errors, interrupted = asyncio.run(
                 _soak_interruptible(process, target, images, config)
             )
-    except (TimeoutError, ServerDiedError) as exc:
+    except (TimeoutError, RuntimeError, ServerDiedError) as exc:
         print(f"python -m bench.soak: {exc}", file=sys.stderr)
         return 1
     found = verdict(samples, config.warmup_s)

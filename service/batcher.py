@@ -134,18 +134,21 @@ class DynamicBatcher:
         metrics.BATCH_SIZE.observe(len(batch))
         try:
             rows = await asyncio.to_thread(self._run_batch, [p.image for p in batch])
+            if len(rows) != len(batch):
+                raise RuntimeError(f"{len(rows)} answers for a batch of {len(batch)}")
         except InvalidImageError as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
                 return
             # One undecodable image fails the whole call: answer each image on its own.
             for pending in batch:
-                await self._run([pending])
+                if not pending.future.done():  # callers who gave up need no model call
+                    await self._run([pending])
             return
         except Exception as exc:  # every waiter hears what went wrong
             _fail(batch, exc)
             return
-        for pending, row in zip(batch, rows, strict=True):
+        for pending, row in zip(batch, rows, strict=True):  # lengths checked above
             if not pending.future.done():
                 pending.future.set_result(row)
 

@@ -61,6 +61,8 @@ class MatcherCore:
         self._classifier: Classifier | None = None
         # Held for each batch and for each swap, so a swap waits for the batch in flight.
         self._swap_lock = threading.Lock()
+        # The served pair as one reference, for readers outside a batch (GetModelInfo).
+        self._pair: tuple[BackboneInfo, Classifier] | None = None
         # One worker-thread call per batch does both models: features and probabilities.
         self.batcher = DynamicBatcher(self._answer_batch, batching or BatchingOptions())
 
@@ -71,6 +73,7 @@ class MatcherCore:
         classifier = self._load_classifier()
         check_fit(self._backend.info, classifier)
         self._classifier = classifier
+        self._pair = (self._backend.info, classifier)
 
     @property
     def backend(self) -> FeatureBackend:
@@ -92,6 +95,7 @@ class MatcherCore:
             if backbone is not None:
                 self._backend.activate(backbone)
             self._classifier = new_classifier
+            self._pair = (self._backend.info, new_classifier)
 
     def check_backend(self) -> None:
         """Raise BackendUnavailableError when the feature backend cannot be reached (blocking)."""
@@ -114,22 +118,28 @@ class MatcherCore:
         return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
-        classifier = self._require_ready()
-        backbone = self._backend.info
+        """The served backbone and classifier (one pair, even while a swap happens)."""
+        backbone, classifier = self._served_pair()
         return ModelIdentity(backbone.name, backbone.version, classifier.info.sha256)
 
     def describe(self) -> ModelDescription:
-        classifier = self._require_ready()
+        backbone, classifier = self._served_pair()
         info = classifier.info
         return ModelDescription(
             labels=list(info.labels),
-            backbone=self._backend.info,
+            backbone=backbone,
             classifier_type=info.type_name,
             classifier_params=dict(info.params),
             holdout_accuracy=info.holdout_accuracy,
-            model=self.identity(),
+            model=ModelIdentity(backbone.name, backbone.version, info.sha256),
             feature_backend=self._backend.kind,
         )
+
+    def _served_pair(self) -> tuple[BackboneInfo, Classifier]:
+        pair = self._pair
+        if pair is None or not self._backend.ready:
+            raise NotReadyError("models are not loaded yet; retry shortly")
+        return pair
 
     async def _answer(self, image: bytes) -> _Answer:
         """One image's answer, computed in a batch with concurrent ones."""
@@ -143,6 +153,12 @@ class MatcherCore:
             with metrics.BACKEND_DURATION.labels(self._backend.kind).time():
                 features = self._backend.features(images)
             classifier = self._require_ready()
+            if features.shape[1] != classifier.info.feature_dim:
+                # TF Serving swapped in a model of another size under a label or policy.
+                raise ModelLoadError(
+                    f"the backend answered {features.shape[1]} features; the classifier "
+                    f"expects {classifier.info.feature_dim}"
+                )
             probabilities = classifier.probabilities(features)
             model = self.identity()
         labels = classifier.labels

@@ -25,9 +25,8 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from service import logs, metrics
-from service.metrics import record_models_loaded, record_reload_failure
 
-__all__ = ["interceptors", "record_models_loaded", "record_reload_failure", "request_id_from"]
+__all__ = ["interceptors", "request_id_from"]
 
 access_log = logging.getLogger("service.access")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from service import observability
+from service import metrics
 from service.backends.base import PreparedModel
 from service.classifier import Classifier
 from service.core import MatcherCore
@@ -42,6 +42,8 @@ class _Watched:
 
     current: Hashable | None = None
     seen: Hashable | None = None
+    #: `seen` of the poll before the last, to tell whether a key has settled.
+    before: Hashable | None = None
     refused: Hashable | None = None
     #: The refused files were sound but did not fit the other model (feature size).
     misfit: bool = False
@@ -49,12 +51,13 @@ class _Watched:
     def settled_change(self, key: Hashable | None) -> bool:
         """True when `key` differs from the served one and was the same at the last poll."""
         ready = key is not None and key != self.current and key == self.seen
-        self.seen = key
+        self.before, self.seen = self.seen, key
         return ready and key != self.refused
 
     def may_join(self, key: Hashable | None) -> bool:
-        """Whether unserved files should be tried beside a partner that just changed."""
-        return key not in (None, self.current) and (key != self.refused or self.misfit)
+        """Whether settled, unserved files should be tried beside a partner that just changed."""
+        settled = key == self.before
+        return settled and key not in (None, self.current) and (key != self.refused or self.misfit)
 
     def refuse(self, key: Hashable | None, misfit: bool) -> None:
         self.refused, self.misfit = key, misfit
@@ -150,9 +153,7 @@ class ModelWatcher:
             self._classifier.current = classifier_key
             outcome.swapped.append("classifier")
         model = self._core.identity()
-        observability.record_models_loaded(
-            model.backbone, model.model_version, model.classifier_sha256
-        )
+        metrics.record_models_loaded(model.backbone, model.model_version, model.classifier_sha256)
         log.info(
             "hot reload: now serving %s version %d with classifier %s (swapped %s)",
             model.backbone,
@@ -167,11 +168,16 @@ class ModelWatcher:
             return load()
         except MatcherError as exc:
             self._refuse(outcome, name, str(exc))
-            return None
+        except Exception as exc:
+            # Unforeseen (a TensorFlow or unpickling error): still a refusal, so that the
+            # same files are not loaded again at every poll; the traceback goes to the log.
+            log.exception("loading the new %s failed", name)
+            self._refuse(outcome, name, f"{type(exc).__name__}: {exc}")
+        return None
 
     def _refuse(self, outcome: ReloadOutcome, name: str, reason: str) -> None:
         outcome.refused[name] = reason
-        observability.record_reload_failure(name, reason)
+        metrics.record_reload_failure(name, reason)
         log.warning("hot reload refused the new %s, the old one keeps serving: %s", name, reason)
 
     def _classifier_key(self) -> Hashable | None:

@@ -209,8 +209,13 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if running.watcher is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.watcher.poke)
+    # Without hot reload, SIGHUP would end the process (its default action): say so instead.
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        running.watcher.poke
+        if running.watcher is not None
+        else functools.partial(log.warning, "SIGHUP ignored: hot reload is off"),
+    )
     lifecycle = asyncio.create_task(running.run(settings.health_check_interval_s))
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({lifecycle, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -147,7 +147,7 @@ async def test_models_loaded_shows_only_the_models_served(running, trained) -> N
 async def test_reload_failures_are_counted_per_model(running) -> None:
     before = scrape(running.metrics_port)
     assert ("matcher_reload_failures_total", (("model", "backbone"),)) in before
-    observability.record_reload_failure("classifier", "sha256 mismatch")
+    metrics.record_reload_failure("classifier", "sha256 mismatch")
     after = scrape(running.metrics_port)
     for model, moved in (("classifier", 1), ("backbone", 0)):
         name = "matcher_reload_failures_total"

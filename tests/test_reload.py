@@ -194,3 +194,71 @@ async def test_tampered_files_are_refused_logged_counted_and_old_models_keep_ser
         assert running.core.identity().classifier_sha256 != before.classifier_sha256
     finally:
         await running.stop(0)
+
+
+async def test_a_load_failing_unexpectedly_is_refused_once_and_counted(
+    settings, model_copies, monkeypatch: pytest.MonkeyPatch
+):
+    models, classifier = model_copies
+    running = await start(reload_settings(settings, models, classifier, interval_s=3600))
+    backend = running.core.backend
+    calls = []
+
+    def broken_prepare():
+        calls.append(1)
+        raise RuntimeError("an error no one foresaw")
+
+    failures_before = reload_failures()
+    try:
+        new_backbone_version(models, version=2)
+        monkeypatch.setattr(backend, "prepare", broken_prepare)
+        running.watcher.check_once()
+        outcome = running.watcher.check_once()
+        assert outcome.refused == {"backbone": "RuntimeError: an error no one foresaw"}
+        assert running.watcher.check_once().refused == {}  # not loaded again every poll
+        assert len(calls) == 1
+        assert reload_failures() - failures_before == 1
+        assert running.core.identity().model_version == 1
+    finally:
+        await running.stop(0)
+
+
+async def test_the_tfserving_backend_follows_a_new_version(
+    settings, tmp_path: Path, exported_model, demo
+):
+    from tests.tfserving_double import TFServingDouble
+
+    base = tmp_path / "serving"
+    shutil.copytree(exported_model.path.parent, base / "efficientnet_lite0")
+    image = query_images(demo)[0][1].read_bytes()
+    request = matcher_pb2.ImageRequest(image=image, top_k=1)
+    with TFServingDouble(base, version_policy="latest") as first:
+        port = first.port
+        config = settings.model_copy(
+            update={
+                "backend": "tfserving",
+                "tfserving_target": first.target,
+                "model_name": "efficientnet_lite0",
+                "reload_interval_s": 3600,
+            }
+        )
+        running = await start(config)
+    try:
+        async with grpc.aio.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = matcher_pb2_grpc.MatcherStub(channel)
+            # TF Serving restarted with version 2 only (its `latest` policy).
+            new_backbone_version(base / "efficientnet_lite0", version=2)
+            with TFServingDouble(base, version_policy="latest", port=port):
+                # The matcher asks for the version it describes, which is gone: UNAVAILABLE
+                # (never an answer named after one version and computed by another).
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Match(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                running.watcher.check_once()
+                outcome = await asyncio.to_thread(running.watcher.check_once)
+                assert outcome.swapped == ["backbone"]
+                response = await stub.Match(request, timeout=30)
+                assert response.model.model_version == 2
+                assert response.matches[0].label == query_images(demo)[0][0]
+    finally:
+        await running.stop(0)

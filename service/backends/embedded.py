@@ -71,10 +71,10 @@ class EmbeddedBackend:
             verify_version(path)
             meta = read_model_info(path)
             signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-        except (OSError, KeyError, ValueError) as exc:
+            _warm_up(tf, signature, meta.input_size)
+            fingerprint = hashlib.sha256((path / "saved_model.pb").read_bytes()).hexdigest()[:16]
+        except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
             raise ModelLoadError(f"cannot load SavedModel from {self._model_dir}: {exc}") from exc
-        _warm_up(tf, signature, meta.input_size)
-        fingerprint = hashlib.sha256((path / "saved_model.pb").read_bytes()).hexdigest()[:16]
         info = BackboneInfo(
             meta.backbone, version, meta.input_size, meta.feature_dim, fingerprint, meta.layer
         )

@@ -169,11 +169,17 @@ class TFServingBackend:
         if self._info is None:
             raise NotReadyError("the feature backend is not connected yet")
         options = self._options
+        # Unpinned, TF Serving would answer with its newest version, which may not be the
+        # one the classifier was checked against and the answer names: ask for that one.
+        # A newer version is followed by hot reload (candidate/prepare/activate).
+        version = options.version
+        if version is None and options.version_label is None:
+            version = self._info.version
         request = predict_request(
             self._api,
             options.model_name,
             images,
-            options.version,
+            version,
             options.version_label,
             options.signature,
         )
