@@ -3,8 +3,9 @@
 Each size runs in a fresh process (peak resident memory, VmHWM, is per process) that extracts
 features of that many distinct JPEG files through `train.features.extract_features` with the
 content-hash cache on and the features streamed to a memory-mapped `.npy`, as `train` does.
-Prints, per size: images/s, peak RSS, the `.npy` size, and the peak's ratio to the smallest
-run's; writes JSON with --json.
+Prints, per size: images/s, peak RSS (VmHWM) and peak anonymous memory (RssAnon, sampled: the
+process's own memory, without file pages the kernel may drop), the `.npy` size, and the peaks'
+ratios to the smallest run's; writes JSON with --json.
 
     .venv/bin/python -m bench.extract_scale --model-dir models/backbones/efficientnet_lite0 \
         [--sizes 5000,50000] [--scratch /tmp/extract-scale] [--json out.json]
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,17 +57,47 @@ def extract(model_dir: Path, photos: Path, count: int, out: Path) -> dict[str, f
     backend.load()
     paths = sorted(photos.glob("*/*.jpg"))[:count]
     cache = FeatureCache(out.parent / "cache", backend.info.cache_key)
+    sampler = _AnonPeak()
     started = time.perf_counter()
-    extraction = extract_features(paths, backend, cache, out=out, progress=True)
+    with sampler:
+        extraction = extract_features(paths, backend, cache, out=out, progress=True)
     seconds = time.perf_counter() - started
     memory = memory_mb(os.getpid())
     return {
+        "peak_anon_mb": round(sampler.peak_mb, 1),
         "images": len(extraction.kept),
         "seconds": round(seconds, 1),
         "images_per_s": round(len(extraction.kept) / seconds, 1),
         "peak_rss_mb": round(memory["VmHWM"], 1),
         "npy_mb": round(out.stat().st_size / 2**20, 1),
     }
+
+
+class _AnonPeak:
+    """Samples the process's anonymous resident memory (RssAnon: not file pages) while open."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.peak_mb = 0.0
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> _AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        status = Path(f"/proc/{os.getpid()}/status")
+        while True:
+            found = re.search(r"^RssAnon:\s+(\d+) kB", status.read_text(), re.MULTILINE)
+            if found:
+                self.peak_mb = max(self.peak_mb, int(found.group(1)) / 1024)
+            if self._stop.wait(self._interval_s):
+                return
 
 
 def run_size(model_dir: Path, scratch: Path, count: int) -> dict[str, float]:
@@ -111,15 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for count in sizes:
         rows.append({"size": count, **run_size(args.model_dir, args.scratch, count)})
-    base = rows[0]["peak_rss_mb"]
+    base = rows[0]
     print(
-        f"{'images':>7} {'img/s':>7} {'seconds':>8} {'peak RSS MB':>12} "
-        f"{'vs first':>8} {'npy MB':>7}"
+        f"{'images':>7} {'img/s':>7} {'seconds':>8} {'peak RSS MB':>12} {'vs first':>8} "
+        f"{'peak anon MB':>12} {'vs first':>8} {'npy MB':>7}"
     )
     for row in rows:
         print(
             f"{row['images']:>7} {row['images_per_s']:>7.1f} {row['seconds']:>8.1f} "
-            f"{row['peak_rss_mb']:>12.1f} {row['peak_rss_mb'] / base:>8.2f} {row['npy_mb']:>7.1f}"
+            f"{row['peak_rss_mb']:>12.1f} {row['peak_rss_mb'] / base['peak_rss_mb']:>8.2f} "
+            f"{row['peak_anon_mb']:>12.1f} {row['peak_anon_mb'] / base['peak_anon_mb']:>8.2f} "
+            f"{row['npy_mb']:>7.1f}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

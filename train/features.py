@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -275,13 +276,19 @@ class _Prefetch:
 
 
 class _Sink:
-    """Kept rows, appended in input order, in memory or in a `.npy` memory map."""
+    """Kept rows, appended in input order, in memory or to a `.npy` file.
+
+    The file is written, not memory-mapped while it fills: written pages of a mapping count in
+    the process's resident memory (244 MB more peak RSS at 50,000 images), file writes only
+    in the kernel's page cache. The finished file is mapped read-only.
+    """
 
     def __init__(self, out: Path | None, rows: int, dim: int) -> None:
         self._out = out
         self._total = rows
         self._dim = dim
         self.count = 0
+        self._file: BinaryIO | None = None
         if out is None:
             self._partial = None
             self._array: np.ndarray = np.empty((rows, dim), np.float32)
@@ -289,22 +296,27 @@ class _Sink:
             out.parent.mkdir(parents=True, exist_ok=True)
             # Written under another name: a file at `out` is always a complete run.
             self._partial = out.with_name(f"{out.name}.partial")
-            self._array = np.lib.format.open_memmap(
+            header = np.lib.format.open_memmap(
                 self._partial, mode="w+", dtype=np.float32, shape=(rows, dim)
             )
+            self._offset = header.offset
+            del header  # only the header and the file's size were wanted
+            self._file = self._partial.open("r+b")
+            self._file.seek(self._offset)
 
     def append(self, block: np.ndarray) -> None:
-        self._array[self.count : self.count + len(block)] = block
+        if self._file is None:
+            self._array[self.count : self.count + len(block)] = block
+        else:
+            self._file.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
         self.count += len(block)
 
     def finish(self, kept: list[int]) -> np.ndarray:
         """The kept rows: a view in memory, or the finished file mapped read-only."""
-        if self._out is None:
+        if self._file is None or self._out is None or self._partial is None:
             return self._array[: self.count]
-        self._array.flush()
-        offset = self._array.offset
-        del self._array  # unmapped before the file shrinks below the mapping
-        _truncate_npy(self._partial, self.count, self._dim, offset)
+        self._file.close()
+        _truncate_npy(self._partial, self.count, self._dim, self._offset)
         mask = np.zeros(self._total, dtype=bool)
         mask[kept] = True
         np.save(kept_mask_path(self._out), mask)
@@ -312,8 +324,9 @@ class _Sink:
         return np.load(self._out, mmap_mode="r")
 
     def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
         if self._partial is not None:
-            self.__dict__.pop("_array", None)
             self._partial.unlink(missing_ok=True)
 
 
