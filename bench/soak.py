@@ -302,7 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = SoakConfig(args.duration_s, args.concurrency, args.sample_s, args.warmup_s)
     flags = ["--model-dir", str(args.model_dir), "--classifier", str(args.classifier)]
-    flags += ["--metrics-port", "0"]  # on, as in production, without a fixed port to collide on
     print(f"starting the matcher ({args.model_dir}); soak {config.duration_s:.0f} s", flush=True)
     try:
         with matcher_process(flags) as (process, target, to_serving):

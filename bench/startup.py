@@ -72,15 +72,15 @@ def wait_serving(
 
 @contextlib.contextmanager
 def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
-    """`python -m service FLAGS` on a free port, until SERVING; yields (process, target,
-    seconds from start to SERVING) and stops the process afterwards."""
+    """`python -m service FLAGS` on a free port (metrics on, on another free port), until
+    SERVING; yields (process, target, seconds from start to SERVING) and stops it afterwards."""
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.monotonic()
     # Its log goes to a file, read back when it fails to start: a refused model says why.
     with tempfile.TemporaryFile() as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), *flags],
+            [sys.executable, "-m", "service", "--port", str(port), "--metrics-port", "0", *flags],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log_file,

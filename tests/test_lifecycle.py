@@ -46,7 +46,8 @@ async def test_not_serving_until_models_are_loaded(settings) -> None:
 def service_process(*flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(
-        [sys.executable, "-m", "service", *flags],
+        # Metrics on a free port: the default 9464 may be taken on a shared machine.
+        [sys.executable, "-m", "service", "--metrics-port", "0", *flags],
         cwd=ROOT,
         env=env,
         stderr=subprocess.PIPE,
