@@ -254,9 +254,14 @@ async def test_the_tfserving_backend_follows_a_new_version(
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.Match(request, timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-                running.watcher.check_once()
-                outcome = await asyncio.to_thread(running.watcher.check_once)
-                assert outcome.swapped == ["backbone"]
+                # Polls as the timer would, until the reconnected channel shows version 2 on
+                # two polls in a row (a guard against hanging, not a speed check).
+                swapped: list[str] = []
+                end = time.monotonic() + 60
+                while not swapped and time.monotonic() < end:
+                    swapped = (await asyncio.to_thread(running.watcher.check_once)).swapped
+                    await asyncio.sleep(0.2)
+                assert swapped == ["backbone"]
                 response = await stub.Match(request, timeout=30)
                 assert response.model.model_version == 2
                 assert response.matches[0].label == query_images(demo)[0][0]

@@ -103,8 +103,10 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
     holdout = holdout_metrics(names, y_test, list(search.predict(x_test)))
-    classifier_path = _save(search.best_estimator_, config.out, config.format)
-    sha256 = file_sha256(classifier_path)
+    # Staged under a temporary name and put in place only next to the manifest (below): a
+    # server watching this folder never sees a new classifier beside an old manifest.
+    staged = _stage(search.best_estimator_, config.out, config.format)
+    sha256 = file_sha256(staged)
     save_features(
         config.out / FEATURES_FILE,
         extraction.features,
@@ -135,7 +137,7 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         # + how the search ran: strategy, samples searched, folds, calibration folds.
         search=search_summary(search, seconds) | search.plan.as_dict(),
         holdout=holdout,
-        classifier_file=classifier_path,
+        classifier_file=config.out / CLASSIFIER_FILES[config.format],
         classifier_sha256=sha256,
         classifier_type="CalibratedClassifierCV(SVC)",
         model_dir=config.model_dir,
@@ -144,6 +146,7 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
     write_report(report, report_path)
+    classifier_path = _publish(staged, config.out, config.format)
     # Last: it vouches for every file above (the HTML report/ drawn later is not covered).
     write_manifest(config.out, tool="train", kind="classifier")
     _print_summary(report, holdout, best_params(search))
@@ -160,10 +163,10 @@ def _check_enough(labels: list[str]) -> None:
         )
 
 
-def _save(estimator: object, out: Path, file_format: str) -> Path:
+def _stage(estimator: object, out: Path, file_format: str) -> Path:
+    """Write the classifier under a temporary name in `out`; `_publish` puts it in place."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / CLASSIFIER_FILES[file_format]
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = out / f"{CLASSIFIER_FILES[file_format]}.tmp"
     if file_format == "skops":
         import skops.io
 
@@ -172,7 +175,12 @@ def _save(estimator: object, out: Path, file_format: str) -> Path:
         import joblib
 
         joblib.dump(estimator, tmp)
-    tmp.replace(path)  # a running server never sees a half-written file
+    return tmp
+
+
+def _publish(staged: Path, out: Path, file_format: str) -> Path:
+    path = out / CLASSIFIER_FILES[file_format]
+    staged.replace(path)  # a running server never sees a half-written file
     for other in CLASSIFIER_FILES.values():
         if other != path.name:
             # An earlier run's file in the other format would be listed by the new manifest
