@@ -30,7 +30,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, generated-code check"
-	@echo "make bench    extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model's ceiling, start-up, training time"
+	@echo "make bench    (about 45 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
