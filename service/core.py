@@ -58,10 +58,10 @@ class MatcherCore:
         self._backend = backend
         self._load_classifier = load_classifier
         self._limits = limits
-        self._classifier: Classifier | None = None
         # Held for each batch and for each swap, so a swap waits for the batch in flight.
         self._swap_lock = threading.Lock()
-        # The served pair as one reference, for readers outside a batch (GetModelInfo).
+        # The served pair as one reference, replaced whole, so that readers outside a batch
+        # (GetModelInfo) never see half a swap.
         self._pair: tuple[BackboneInfo, Classifier] | None = None
         # One worker-thread call per batch does both models: features and probabilities.
         self.batcher = DynamicBatcher(self._answer_batch, batching or BatchingOptions())
@@ -72,7 +72,6 @@ class MatcherCore:
         self._backend.load()
         classifier = self._load_classifier()
         check_fit(self._backend.info, classifier)
-        self._classifier = classifier
         self._pair = (self._backend.info, classifier)
 
     @property
@@ -88,13 +87,12 @@ class MatcherCore:
 
         The pair that would result is checked first; on ModelLoadError nothing changes.
         """
-        current = self._require_ready()
+        _, current = self._served_pair()
         new_classifier = classifier or current
         check_fit(backbone.info if backbone else self._backend.info, new_classifier)
         with self._swap_lock:
             if backbone is not None:
                 self._backend.activate(backbone)
-            self._classifier = new_classifier
             self._pair = (self._backend.info, new_classifier)
 
     def check_backend(self) -> None:
@@ -103,17 +101,17 @@ class MatcherCore:
 
     @property
     def ready(self) -> bool:
-        return self._classifier is not None and self._backend.ready
+        return self._pair is not None and self._backend.ready
 
     async def match(self, image: bytes, top_k: int) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels."""
-        self._require_ready()
+        self._served_pair()  # not loaded yet: say so before any work
         answer = await self._answer(image)
         return MatchResult(_ranked(answer.labels, answer.probabilities, top_k), answer.model)
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image."""
-        self._require_ready()
+        self._served_pair()
         answer = await self._answer(image)
         return EmbedResult(answer.features, answer.model)
 
@@ -152,7 +150,7 @@ class MatcherCore:
         with self._swap_lock:
             with metrics.BACKEND_DURATION.labels(self._backend.kind).time():
                 features = self._backend.features(images)
-            classifier = self._require_ready()
+            backbone, classifier = self._served_pair()
             if features.shape[1] != classifier.info.feature_dim:
                 # TF Serving swapped in a model of another size under a label or policy.
                 raise ModelLoadError(
@@ -160,16 +158,11 @@ class MatcherCore:
                     f"expects {classifier.info.feature_dim}"
                 )
             probabilities = classifier.probabilities(features)
-            model = self.identity()
+        model = ModelIdentity(backbone.name, backbone.version, classifier.info.sha256)
         labels = classifier.labels
         return [
             _Answer(row, p, labels, model) for row, p in zip(features, probabilities, strict=True)
         ]
-
-    def _require_ready(self) -> Classifier:
-        if self._classifier is None or not self._backend.ready:
-            raise NotReadyError("models are not loaded yet; retry shortly")
-        return self._classifier
 
 
 def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
