@@ -16,8 +16,6 @@ global Keras dtype policy alone. Speed is measured by bench/precision.py, not he
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -35,9 +33,9 @@ from export.layout import (
     SIGNATURE,
     read_model_info,
 )
+from tests.cli_output import run_module
 from tests.conftest import query_images
 
-ROOT = Path(__file__).resolve().parent.parent
 LITE0_DIM = 1280
 MIN_COSINE = 0.999
 MIN_AGREEMENT = 0.99
@@ -104,13 +102,7 @@ def ops_by_dtype(signature: tf.types.experimental.ConcreteFunction) -> dict[tupl
 def bf16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Lite0 with the ImageNet weights of `exported_model`, exported in bf16 by the CLI."""
     base = tmp_path_factory.mktemp("bf16")
-    result = subprocess.run(
-        [sys.executable, "-m", "export", "--precision", "bf16", "--base-path", str(base)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_module("export", "--precision", "bf16", "--base-path", str(base), timeout_s=None)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "computing in bf16" in result.stdout
     return base / "efficientnet_lite0" / "1"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +38,8 @@ from export.layout import (
 from export.preprocess import decode_batch
 from export.savedmodel import ExportedModel, export_backbone
 from tests import samples
-from tests.cli_output import cli_stderr_lines
+from tests.cli_output import cli_stderr_lines, run_module
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = 299
 #: The real graph's stage shapes (H, W, C), matched by the stand-in.
 STAGE_SHAPES = {
@@ -205,14 +203,8 @@ def interface(signature_def: meta_graph_pb2.SignatureDef) -> dict:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=300,
-    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return run_module("export", *args, timeout_s=300, env=env)
 
 
 class OriginalGraph:

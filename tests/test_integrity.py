@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from integrity.manifest import (
     verify,
     write_manifest,
 )
+from tests.cli_output import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +56,7 @@ def flip_byte(path: Path, at: int = 0) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "integrity", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    return run_module("integrity", *args, timeout_s=60)
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from service.server import SERVICE_NAME, make_core, start_server
 from tests import samples
+from tests.cli_output import run_module
 from tests.conftest import query_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,14 +147,7 @@ def test_flags_fall_back_to_environment_variables() -> None:
 
 
 async def run_client(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "service.client", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return await asyncio.to_thread(run_module, "service.client", *args)
 
 
 async def test_client_prints_ranked_labels(target, demo) -> None:

@@ -28,7 +28,7 @@ from service.errors import ConfigurationError
 from service.server import RunningServer, make_core, start_server
 from tests import samples
 from tests.certs import CertFiles, make_certs
-from tests.cli_output import cli_stderr_lines
+from tests.cli_output import cli_stderr_lines, run_module
 from tests.conftest import query_images
 from tests.test_grpcurl import grpcurl
 
@@ -315,14 +315,7 @@ async def test_reflection_can_be_exempt(strict_health_server) -> None:
 
 
 async def run_client(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "service.client", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return await asyncio.to_thread(run_module, "service.client", *args)
 
 
 async def test_the_cli_client_speaks_tls_and_sends_the_token(
@@ -460,14 +453,7 @@ def test_the_server_process_exits_1_with_one_readable_line(certs) -> None:
 
 
 async def run_load_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bench.load", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return await asyncio.to_thread(run_module, "bench.load", *args)
 
 
 async def test_the_load_generator_speaks_tls_and_sends_the_token(

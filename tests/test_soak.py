@@ -9,26 +9,16 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bench.soak import Sample, verdict
 from tests import samples
-from tests.cli_output import cli_stderr_lines
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.cli_output import cli_stderr_lines, run_module
 
 
 def soak(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bench.soak", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("bench.soak", *args, timeout_s=300)
 
 
 def test_a_short_soak_counts_requests_errors_and_memory(settings, tmp_path) -> None:

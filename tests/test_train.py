@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +13,10 @@ import pytest
 from integrity.manifest import verify
 from service.classifier import Classifier
 from tests import samples
+from tests.cli_output import run_module
 from train.dataset import DatasetError, discover
 from train.pipeline import TrainConfig, train
 from train.svm import cv_folds, param_grid
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_dataset(demo, root: Path, labels: int = 3, per_label: int = 6) -> Path:
@@ -163,13 +160,7 @@ def test_one_label_is_not_a_dataset(tmp_path: Path) -> None:
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "train", str(tmp_path / "missing"), "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    result = run_module("train", str(tmp_path / "missing"), "--no-progress")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("train:")]
     assert lines == [

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli_output import run_module
 from train import plots
 from train.visual_report import main, write_visual_report
 
-ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: EfficientNet-Lite0's four stages at 224 px: strides 2, 4, 8 and 16.
 LITE0_STAGES = ["32 maps of 112x112", "24 maps of 56x56", "40 maps of 28x28", "112 maps of 14x14"]
@@ -288,13 +286,7 @@ def test_gone_image_falls_back_to_the_recorded_features(trained, exported_model,
 
 
 def test_cli_exits_2_with_one_line_without_report_json(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "train.visual_report", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("train.visual_report", str(tmp_path))
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
