@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -91,11 +91,8 @@ class _AnonPeak:
         self._thread.join()
 
     def _sample(self) -> None:
-        status = Path(f"/proc/{os.getpid()}/status")
         while True:
-            found = re.search(r"^RssAnon:\s+(\d+) kB", status.read_text(), re.MULTILINE)
-            if found:
-                self.peak_mb = max(self.peak_mb, int(found.group(1)) / 1024)
+            self.peak_mb = max(self.peak_mb, memory_mb(os.getpid())["RssAnon"])
             if self._stop.wait(self._interval_s):
                 return
 
@@ -103,7 +100,7 @@ class _AnonPeak:
 def run_size(model_dir: Path, scratch: Path, count: int) -> dict[str, float]:
     """One size in a fresh process."""
     run_dir = scratch / f"run-{count}"
-    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     result = run_dir / "result.json"
     subprocess.run(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.load import LoadConfig, run_load
 from bench.pipeline import timed
-from bench.startup import matcher_process
+from bench.startup import DEFAULT_CLASSIFIER, DEFAULT_MODEL_DIR, matcher_process
 
 BATCH_SIZES = (1, 8, 16, 32)
 
@@ -87,13 +87,11 @@ def service_levels(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__)
-    parser.add_argument(
-        "--model-dir", type=Path, default=Path("models/backbones/efficientnet_lite0")
-    )
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument(
         "--classifier",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0/classifier.skops"),
+        default=DEFAULT_CLASSIFIER,
     )
     parser.add_argument("--image", type=Path, default=Path("deploy/ghz/chelsea.jpg"))
     parser.add_argument("--concurrency", default="1,4,16,64")

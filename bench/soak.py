@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from bench.load import LoadConfig, run_load
-from bench.startup import matcher_process, memory_mb
+from bench.startup import DEFAULT_CLASSIFIER, DEFAULT_MODEL_DIR, matcher_process, memory_mb
 
 #: Resident memory may grow this much after the warm-up, percent.
 GROWTH_LIMIT_PCT = 5.0
@@ -240,13 +240,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.soak",
         description="Soak the matcher: errors and resident memory under load over time.",
     )
-    parser.add_argument(
-        "--model-dir", type=Path, default=Path("models/backbones/efficientnet_lite0")
-    )
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument(
         "--classifier",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0/classifier.skops"),
+        default=DEFAULT_CLASSIFIER,
     )
     parser.add_argument(
         "--image",

@@ -28,15 +28,19 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from service.config import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+#: The server's own defaults (what `make run` builds), so that benches and server agree.
+DEFAULT_CLASSIFIER: Path = Settings.model_fields["classifier"].default
+DEFAULT_MODEL_DIR: Path = Settings.model_fields["model_dir"].default
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory of a process, MiB."""
+    """Resident, peak resident and anonymous resident memory of a process, MiB."""
     status = Path(f"/proc/{pid}/status").read_text()
     values = {}
-    for key in ("VmRSS", "VmHWM"):
+    for key in ("VmRSS", "VmHWM", "RssAnon"):
         found = re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)
         values[key] = int(found.group(1)) / 1024 if found else float("nan")
     return values
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--classifier",
         type=Path,
-        default=Path("models/classifiers/efficientnet_lite0/classifier.skops"),
+        default=DEFAULT_CLASSIFIER,
     )
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--calls", type=int, default=20, help="Match calls before measuring")
