@@ -29,18 +29,20 @@ help:
 	@echo "make report   [RUN=models/classifiers/$(BACKBONE)] [REPORT_IMAGE=photo.jpg]: redraw the report"
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
-	@echo "make check    lint, format check, generated-code check"
+	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
 	@echo "make bench    (about 45 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
 
-# Reinstalls when the pins change. pip reads only the package registry.
-$(INSTALLED): requirements.lock
+# Reinstalls when the pins or the project change. pip reads only the package registry. The
+# project itself goes in editable, for the console scripts (.venv/bin/matcher-serve, ...).
+$(INSTALLED): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 proto: $(INSTALLED)
@@ -81,7 +83,8 @@ test: $(INSTALLED)
 check: $(INSTALLED)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests/test_proto_generated.py
+	$(PY) -m mypy
+	$(PY) -m pytest -q tests/test_proto_generated.py tests/test_import_graph.py
 
 format: $(INSTALLED)
 	$(PY) -m ruff format .

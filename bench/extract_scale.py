@@ -1,7 +1,7 @@
 """Extraction memory against the number of images: the peak must not grow with it.
 
 Each size runs in a fresh process (peak resident memory, VmHWM, is per process) that extracts
-features of that many distinct JPEG files through `train.features.extract_features` with the
+features of that many distinct JPEG files through `matcher.extraction.extract_features` with the
 content-hash cache on and the features streamed to a memory-mapped `.npy`, as `train` does.
 Prints, per size: images/s, peak RSS (VmHWM) and peak anonymous memory (RssAnon, sampled: the
 process's own memory, without file pages the kernel may drop), the `.npy` size, and the peaks'
@@ -50,8 +50,8 @@ def make_photos(folder: Path, count: int) -> list[Path]:
 
 def extract(model_dir: Path, photos: Path, count: int, out: Path) -> dict[str, float]:
     """In this process: extract `count` photos; images/s and the process's peak memory."""
-    from service.backends.embedded import EmbeddedBackend
-    from train.features import FeatureCache, extract_features
+    from matcher.backends.embedded import EmbeddedBackend
+    from matcher.extraction import FeatureCache, extract_features
 
     backend = EmbeddedBackend(model_dir)
     backend.load()

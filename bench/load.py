@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -435,7 +435,8 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> Loa
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(channel.close() for channel in channels))
+        # grace=None: in-flight calls are cancelled now (grpc-stubs omits the default).
+        await asyncio.gather(*(channel.close(grace=None) for channel in channels))
     return LoadReport(
         config=config,
         date=date,
@@ -449,13 +450,13 @@ async def run_load(config: LoadConfig, stop: asyncio.Event | None = None) -> Loa
 
 
 async def _wait_for_end(
-    tasks: list[asyncio.Task], run: _Run, schedule: _Schedule, stop: asyncio.Event | None
+    tasks: list[asyncio.Task[None]], run: _Run, schedule: _Schedule, stop: asyncio.Event | None
 ) -> str:
     """Wait for the workers, the duration or `stop`; returns ghz's end reason."""
     config = run.config
     finished = asyncio.gather(*tasks, return_exceptions=True)
     stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
-    waiting = [finished] if stopped is None else [finished, stopped]
+    waiting: list[asyncio.Future[Any]] = [finished] if stopped is None else [finished, stopped]
     done, _ = await asyncio.wait(
         waiting, timeout=config.duration or None, return_when=asyncio.FIRST_COMPLETED
     )

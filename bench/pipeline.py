@@ -3,7 +3,7 @@
 Measured side by side in one run, through the real embedded backend, on the same JPEG files:
 
 * loop: the original code, one image per model call (read, header check, call, next).
-* pipeline: `train.features.extract_features` from the files (readers, prefetch, batches, a
+* pipeline: `matcher.extraction.extract_features` from the files (readers, prefetch, batches, a
   fresh cache written and features streamed to a memory-mapped `.npy`), at the ceiling's best
   batch size.
 * ceiling: the SavedModel's serving signature alone on encoded bytes already in memory, at
@@ -36,12 +36,16 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from matcher.backends.base import FeatureExtractor
+from matcher.domain import BackboneInfo
 
 DEMO_IMAGES = Path("data/demo/train")
 
@@ -94,7 +98,7 @@ def realistic_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int =
     for index in range(count):
         photo = Image.fromarray(photos[index % len(photos)])
         width, height = photo.size
-        left, top = rng.integers(0, width // 4), rng.integers(0, height // 4)
+        left, top = int(rng.integers(0, width // 4)), int(rng.integers(0, height // 4))
         crop = photo.crop((left, top, left + width * 3 // 4, top + height * 3 // 4))
         crop = ImageOps.mirror(crop) if rng.random() < 0.5 else crop
         pixels = np.asarray(crop.resize(size), np.float32)
@@ -109,7 +113,7 @@ def image_paths(args: argparse.Namespace, scratch: Path) -> list[Path]:
     folder = args.images or (DEMO_IMAGES if DEMO_IMAGES.is_dir() else None)
     if folder is None:
         return realistic_jpegs(scratch / "images", args.count, args.size)
-    from train.dataset import discover
+    from matcher.dataset import discover
 
     return discover(folder).paths[: args.count]
 
@@ -124,19 +128,24 @@ def in_batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def in_memory_pass(backend: Any, images: list[bytes], size: int) -> list[np.ndarray]:
+    """The features of `images`, `size` at a time: the ceiling's pass."""
+    return [backend.features(b) for b in in_batches(images, size)]
+
+
 def sweep(backend: Any, images: list[bytes], sizes: list[int]) -> dict[int, float]:
     """Images per second of the signature on in-memory bytes, per batch size."""
     rates = {}
     for size in sizes:
         backend.features(images[:size])  # first call at a new shape allocates; not timed
-        seconds = timed(lambda s=size: [backend.features(b) for b in in_batches(images, s)])
+        seconds = timed(partial(in_memory_pass, backend, images, size))
         rates[size] = len(images) / seconds
     return rates
 
 
 def one_image_loop(backend: Any, paths: list[Path]) -> None:
     """The original code: read a file, check its header, run the model on it alone."""
-    from service.images import ImageLimits, inspect_image
+    from matcher.images import ImageLimits, inspect_image
 
     limits = ImageLimits()
     for path in paths:
@@ -146,12 +155,26 @@ def one_image_loop(backend: Any, paths: list[Path]) -> None:
 
 
 class TimedBackend:
-    """A backend that adds up the wall time spent inside `features` (the model's share)."""
+    """A FeatureExtractor that adds up the wall time spent inside `features` (the model's share).
 
-    def __init__(self, backend: Any) -> None:
+    Everything else is delegated to the wrapped backend.
+    """
+
+    def __init__(self, backend: FeatureExtractor) -> None:
         self._backend = backend
-        self.info = backend.info
+        self.kind = backend.kind
         self.seconds = 0.0
+
+    def load(self) -> None:
+        self._backend.load()
+
+    @property
+    def ready(self) -> bool:
+        return self._backend.ready
+
+    @property
+    def info(self) -> BackboneInfo:
+        return self._backend.info
 
     def features(self, images: Sequence[bytes]) -> np.ndarray:
         started = time.perf_counter()
@@ -161,13 +184,13 @@ class TimedBackend:
             self.seconds += time.perf_counter() - started
 
 
-def pipeline(backend: Any, paths: list[Path], batch_size: int, scratch: Path) -> float:
+def pipeline(backend: FeatureExtractor, paths: list[Path], batch_size: int, scratch: Path) -> float:
     """`extract_features` as `train` runs it on a first run: everything computed and cached.
 
     Returns the share of the pass's wall time the model was running: near 1, the model is
     the limit and reading is hidden behind it.
     """
-    from train.features import FeatureCache, extract_features
+    from matcher.extraction import FeatureCache, extract_features
 
     timed_backend = TimedBackend(backend)
     with tempfile.TemporaryDirectory(dir=scratch) as work:
@@ -187,13 +210,13 @@ def model_only_runs(
 ) -> dict[str, Callable[[], object]]:
     """Passes of the in-graph decode + resize alone, and of the network alone on pixels.
 
-    The network is rebuilt with Keras from `export.backbones` (random weights; the speed does
-    not depend on them), since the SavedModel keeps only its bytes-in signatures.
+    The network is rebuilt with Keras from `matcher.backbones.builder` (random weights; the
+    speed does not depend on them), since the SavedModel keeps only its bytes-in signatures.
     """
     import tensorflow as tf
 
-    from export.backbones import build_backbone
-    from export.preprocess import decode_batch
+    from matcher.backbones.builder import build_backbone
+    from matcher.preprocess import decode_batch
 
     backbone = build_backbone(info.name, "random")
     if info.layer and backbone.layer != info.layer:
@@ -233,7 +256,7 @@ def measure(run: Callable[[], object], count: int) -> Pass:
     return Pass(count / wall, 1000 * cpu / count)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], count: int, repeats: int) -> list[dict]:
+def interleaved(runs: Mapping[str, Callable[[], object]], count: int, repeats: int) -> list[dict]:
     """`repeats` rounds of one pass per run, the order rotated each round."""
     names = list(runs)
     rounds = []
@@ -247,7 +270,7 @@ def bench_model(
     model_dir: Path, paths: list[Path], args: argparse.Namespace, scratch: Path
 ) -> dict:
     """Every figure for one backbone."""
-    from service.backends.embedded import EmbeddedBackend
+    from matcher.backends.embedded import EmbeddedBackend
 
     backend = EmbeddedBackend(model_dir)
     backend.load()
@@ -255,10 +278,10 @@ def bench_model(
     rates = sweep(backend, images, args.batch_sizes)
     best = args.batch_size or max(rates, key=rates.__getitem__)
     model_busy: list[float] = []
-    runs = {
+    runs: dict[str, Callable[[], object]] = {
         "loop": lambda: one_image_loop(backend, paths),
         "pipeline": lambda: model_busy.append(pipeline(backend, paths, best, scratch)),
-        "ceiling": lambda: [backend.features(b) for b in in_batches(images, best)],
+        "ceiling": partial(in_memory_pass, backend, images, best),
     }
     if not args.no_model_only:
         runs.update(model_only_runs(backend.info, images, best))

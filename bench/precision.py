@@ -5,7 +5,8 @@ does not depend on them) and timed at one batch size, best of N passes, the pass
 bf16 taking turns so that a busy, shared machine slows both alike:
 
 * model: the Keras model alone on pre-decoded, resized, normalised float32 pixels;
-* signature: both exported as SavedModels (to a temporary folder), loaded with
+* signature: both exported as SavedModels by `python -m export` (to a temporary folder; random
+  weights with one `--seed`, so both precisions get the same weights), loaded with
   `tf.saved_model.load` and called through `serving_default` on JPEG bytes (real photos of
   about 300 to 640 px a side), as the embedded backend does; decoding and resizing included.
 
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,9 @@ def jpegs(count: int) -> list[bytes]:
     return [encoded[i % len(encoded)] for i in range(count)]
 
 
-def best_rates(runs: dict[str, Callable[[], object]], count: int, repeats: int) -> dict[str, float]:
+def best_rates(
+    runs: Mapping[str, Callable[[], object]], count: int, repeats: int
+) -> dict[str, float]:
     """Images per second of each run's fastest pass; the runs take turns, after one warm-up."""
     for run in runs.values():
         run()
@@ -105,10 +108,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def bench_backbone(name: str, args: argparse.Namespace, images: list[bytes], tmp: Path) -> dict:
     import tensorflow as tf
 
-    from export.backbones import build_backbone
-    from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
-    from export.preprocess import decode_batch
-    from export.savedmodel import export_backbone
+    from matcher.backbones.builder import build_backbone
+    from matcher.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE, resolve_version
+    from matcher.preprocess import decode_batch
 
     backbones = {p: build_backbone(name, args.weights, precision=p) for p in PRECISIONS}
     # Random weights differ per build; the same weights make the features comparable. Both
@@ -119,18 +121,19 @@ def bench_backbone(name: str, args: argparse.Namespace, images: list[bytes], tmp
     models = {
         p: tf.function(lambda x, m=b.model: m(x, training=False)) for p, b in backbones.items()
     }
-    model_rates = best_rates(
-        {p: (lambda f=f: f(pixels).numpy()) for p, f in models.items()}, len(images), args.repeats
-    )
+    model_runs = {p: (lambda f=f: f(pixels).numpy()) for p, f in models.items()}
+    model_rates = best_rates(model_runs, len(images), args.repeats)
     figures: dict = {"input_size": size, "model_img_s": model_rates}
     if args.no_signature:
         return figures
 
     batch = tf.constant(images)
     signatures = {}
-    for precision, backbone in backbones.items():
-        exported = export_backbone(backbone, tmp, f"{name}_{precision}")
-        signatures[precision] = tf.saved_model.load(str(exported.path)).signatures[SIGNATURE]
+    for precision in backbones:
+        model_name = f"{name}_{precision}"
+        export_savedmodel(name, args.weights, precision, tmp, model_name)
+        _, path = resolve_version(tmp / model_name, None)
+        signatures[precision] = tf.saved_model.load(str(path)).signatures[SIGNATURE]
     outputs = {p: s(**{INPUT_KEY: batch})[OUTPUT_KEY] for p, s in signatures.items()}
     figures["signature_output"] = {
         p: [o.dtype.name, *o.shape.as_list()] for p, o in outputs.items()
@@ -150,9 +153,20 @@ def bench_backbone(name: str, args: argparse.Namespace, images: list[bytes], tmp
     return figures
 
 
+def export_savedmodel(name: str, weights: str, precision: str, base: Path, model_name: str) -> None:
+    """`python -m export` in a child process, as a user exports (seeded: the same weights)."""
+    command = [sys.executable, "-m", "export", "--backbone", name, "--weights", weights]
+    command += ["--precision", precision, "--seed", "0", "--base-path", str(base)]
+    done = subprocess.run(
+        [*command, "--model-name", model_name], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"export of {model_name} failed: {done.stderr.strip()[-2000:]}")
+
+
 def bench_grappler_amp(figures: dict, args: argparse.Namespace, tmp: Path) -> None:
     """Time each fp32 SavedModel in a child process that has the runtime bf16 rewrite on."""
-    from export.layout import resolve_version
+    from matcher.layout import resolve_version
 
     for name, result in figures.items():
         _, path = resolve_version(Path(result["_fp32_path"]), None)
@@ -174,7 +188,7 @@ def amp_child(args: argparse.Namespace) -> int:
     """--amp-child: load a SavedModel with the rewrite on, time it, save its features."""
     import tensorflow as tf
 
-    from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
+    from matcher.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
 
     # Before anything is loaded or traced: grappler reads the option when it optimises a function.
     tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
@@ -228,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return amp_child(args)
     import tensorflow as tf
 
-    from export.backbones import names
-    from export.precision import cpu_has_bf16
+    from matcher.backbones.builder import names
+    from matcher.backbones.precision import cpu_has_bf16
 
     chosen = [b.strip() for b in args.backbones.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in names()]

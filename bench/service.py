@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from bench.load import LoadConfig, run_load
@@ -31,7 +32,7 @@ BATCH_SIZES = (1, 8, 16, 32)
 
 def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, float]:
     """One-image call time (median) and the best images/s of the model alone."""
-    from service.backends.embedded import EmbeddedBackend
+    from matcher.backends.embedded import EmbeddedBackend
 
     backend = EmbeddedBackend(model_dir)
     backend.load()
@@ -44,7 +45,7 @@ def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, 
     for size in BATCH_SIZES:
         batch = [image] * size
         backend.features(batch)  # trace this shape once
-        best = min(timed(lambda b=batch: backend.features(b)) for _ in range(repeats))
+        best = min(timed(partial(backend.features, batch)) for _ in range(repeats))
         rates[size] = size / best
     best_size = max(rates, key=rates.__getitem__)
     return {

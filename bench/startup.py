@@ -27,13 +27,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from matcher.settings import CoreSettings
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service.config import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 #: The server's own defaults (what `make run` builds), so that benches and server agree.
-DEFAULT_CLASSIFIER: Path = Settings.model_fields["classifier"].default
-DEFAULT_MODEL_DIR: Path = Settings.model_fields["model_dir"].default
+DEFAULT_CLASSIFIER: Path = CoreSettings.model_fields["classifier"].default
+DEFAULT_MODEL_DIR: Path = CoreSettings.model_fields["model_dir"].default
 
 
 def memory_mb(pid: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """SVM search time, peak memory and hold-out accuracy against the catalogue's size.
 
 Each size N is a catalogue of N feature vectors split 80/20 as `python -m train` splits it:
-the search (train/svm.py) sees the 80 %, the accuracy is measured on the 20 % it never saw.
+the search (matcher/svm.py) sees the 80 %, the accuracy is measured on the 20 % it never saw.
 Features are synthetic but shaped like the real ones (`--dim` non-negative ReLU-like values,
 `--labels` labels drawn around label centres with overlap, so the SVM has real work to do), or
 the real ones of a training run (`--features run/features.npz`). Each size runs in a fresh
@@ -125,19 +125,21 @@ def _original(x: np.ndarray, y: list[str], folds: int, jobs: int, seed: int):
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.svm import SVC
 
-    from train.svm import calibration_folds, cv_folds, param_grid
+    from matcher.svm import calibration_folds, cv_folds, param_grid
 
     folds = cv_folds(y, folds)
     estimator = CalibratedClassifierCV(SVC(), ensemble=False, cv=calibration_folds(y, folds))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return GridSearchCV(estimator, param_grid(), cv=cv, n_jobs=jobs).fit(x, y)
+    # The grid reaches the SVC inside the calibration through scikit-learn's nested names.
+    grid = [{f"estimator__{k}": v for k, v in part.items()} for part in param_grid()]
+    return GridSearchCV(estimator, grid, cv=cv, n_jobs=jobs).fit(x, y)
 
 
 def one_size(samples: int, args: argparse.Namespace) -> dict[str, object]:
     """Run in a child process: one search, its time, peak RSS and hold-out accuracy."""
     from sklearn.model_selection import train_test_split
 
-    from train.svm import grid_search
+    from matcher.svm import grid_search
 
     if args.features:
         x, y = real(args.features, samples)
@@ -164,7 +166,7 @@ def one_size(samples: int, args: argparse.Namespace) -> dict[str, object]:
         "cpu_seconds": round(rss.cpu_s, 1),
         "peak_rss_mb": round(rss.peak_kb / 1024),
         "holdout_accuracy": round(accuracy, 4),
-        "best_params": {k.removeprefix("estimator__"): v for k, v in search.best_params_.items()},
+        "best_params": dict(search.best_params_),
         "best_cv_accuracy": round(float(search.best_score_), 4),
     }
 

@@ -13,13 +13,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 TF_CPP_MIN_LOG_LEVEL=2 \
 COPY requirements.lock /tmp/requirements.lock
 RUN python -m venv /opt/venv && pip install -r /tmp/requirements.lock
 WORKDIR /src
+# The tools (export/, train/) and what they import: the library (matcher/) and integrity/.
+COPY matcher/ matcher/
+COPY integrity/ integrity/
 COPY export/ export/
 COPY train/ train/
-COPY service/ service/
-COPY integrity/ integrity/
 # Its version is what the manifests record as the writing tool's.
 COPY pyproject.toml pyproject.toml
-COPY matcher/ matcher/
 # MODEL_VERSION must equal models.config's `versions:` and MATCHER_MODEL_VERSION.
 ARG MODEL_VERSION=1
 RUN python -m export --backbone efficientnet_lite0 --weights imagenet \

@@ -22,8 +22,8 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-deps \
       protobuf==7.36.2 tensorflow==2.21.0 tensorflow-serving-api==2.21.0
 WORKDIR /src
-COPY service/ service/
-RUN /opt/venv/bin/python -m service.backends.tfs_api /out/tfserving_api.binpb
+COPY matcher/ matcher/
+RUN /opt/venv/bin/python -m matcher.backends.tfs_api /out/tfserving_api.binpb
 
 # ---- runtime ----------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
@@ -39,13 +39,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     MATCHER_TFSERVING_API_DESCRIPTORS=/app/tfserving_api.binpb
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# Only what `python -m service` imports: the service, the generated matcher.v1 messages, the
-# manifest checks and TF Serving's layout constants (export/layout.py imports nothing from
-# TensorFlow).
+# What `python -m service` imports: the transports (service/), the library (matcher/, with the
+# generated matcher.v1 messages; its TensorFlow modules, the embedded backend and the backbones,
+# are imported only when MATCHER_BACKEND=embedded) and the manifest checks (integrity/).
 COPY matcher/ matcher/
 COPY service/ service/
 COPY integrity/ integrity/
-COPY export/__init__.py export/layout.py export/
 COPY --from=tfs-api /out/tfserving_api.binpb /app/tfserving_api.binpb
 # Bytecode compiled now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /app

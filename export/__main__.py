@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_BASE_PATH = Path("models/backbones")
-#: What --frozen-graph exports (export.inception.NAME, spelt out to keep TensorFlow unimported).
+#: What --frozen-graph exports (matcher.backbones.inception.NAME, spelt out to keep TensorFlow
+#: unimported).
 FROZEN_GRAPH_BACKBONE = "inception_v3"
 
 
@@ -29,16 +30,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="imagenet (default), a local weights file (inception_v3), or random (tests only)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        help="with --weights random: seed the initialisation, so that two exports (fp32 and "
+        "bf16, say) get the same weights",
+    )
+    parser.add_argument(
         "--layer",
         help="average-pool the features from this layer (default: the last), e.g. mixed7",
     )
     parser.add_argument(
         "--precision",
-        # export.precision.PRECISIONS, spelt out to keep TensorFlow unimported.
+        # matcher.backbones.precision.PRECISIONS, spelt out to keep TensorFlow unimported.
         choices=("fp32", "bf16"),
         default="fp32",
         help="fp32 (default), or bf16: the convolutions compute in bfloat16, for CPUs with "
-        "AVX512_BF16 or AMX (features stay float32; see export/precision.py)",
+        "AVX512_BF16 or AMX (features stay float32; see matcher/backbones/precision.py)",
     )
     parser.add_argument(
         "--frozen-graph",
@@ -79,15 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Our own output is printed; libraries (TensorFlow, matplotlib) only speak up on problems.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from export.layout import versions
+    from matcher.layout import versions
 
     model_dir = args.base_path / (args.model_name or args.backbone)
     if args.if_missing and versions(model_dir):
         print(f"{model_dir} already has version {versions(model_dir)[-1]}; nothing to do")
         return 0
     # TensorFlow is imported only now, so that bad arguments fail fast.
-    from export.backbones import ExportError, build_backbone
     from export.savedmodel import export_backbone
+    from matcher.backbones.builder import ExportError, build_backbone
 
     try:
         if args.frozen_graph is not None:
@@ -95,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
             backbone = build_frozen_graph_backbone(args.frozen_graph)
         else:
-            backbone = build_backbone(args.backbone, args.weights, args.layer, args.precision)
+            backbone = build_backbone(
+                args.backbone, args.weights, args.layer, args.precision, args.seed
+            )
         exported = export_backbone(backbone, args.base_path, args.model_name, args.version)
     except (ExportError, FileExistsError, OSError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" computing in {info.precision}" if info.precision != "fp32" else "")
     )
     if info.precision == "bf16":
-        from export.precision import cpu_has_bf16
+        from matcher.backbones.precision import cpu_has_bf16
 
         if cpu_has_bf16() is False:
             # The model still runs, but TensorFlow emulates bfloat16 on such a CPU.

@@ -4,7 +4,7 @@ The original work took Inception v3's 2048-d `pool_3` features from the frozen g
 `classify_image_graph_def.pb`, feeding one JPEG at a time to `DecodeJpeg/contents:0`. That graph
 decodes and resizes a single image, and its `pool_3/_reshape` hard-codes a batch of one. This
 module cuts the graph at `Mul:0`, the normalised [1, 299, 299, 3] pixels the convolutions read,
-and feeds it a batch decoded in the graph by `export.preprocess` and normalised with the graph's
+and feeds it a batch decoded in the graph by `matcher.preprocess` and normalised with the graph's
 own constants, `(x - 128) * (1/128)`. It returns `pool_3:0` as the features, and four stages for
 the `feature_maps` signature. The export has the same signatures as the Keras
 exports: encoded images (1-D string) -> `features` float32 [N, 2048]. Nothing tells the service
@@ -56,8 +56,8 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_shape_pb2
 from tensorflow.python.framework import op_def_registry
 
-from export import inception
-from export.backbones import Backbone, ExportError
+from matcher.backbones import inception
+from matcher.backbones.builder import Backbone, ExportError
 
 FILE_NAME = "classify_image_graph_def.pb"
 DOWNLOAD_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
@@ -142,13 +142,13 @@ def build_frozen_graph_backbone(path: Path | str) -> Backbone:
     stages = FrozenGraphFunction(function, slice(1, None), name="stages") if has_stages else None
     return Backbone(
         name=inception.NAME,
-        model=model,  # type: ignore[arg-type]  # called like a Keras model; see FeatureModule
+        model=model,  # called like a Keras model; see FeatureModule
         input_size=size,
         feature_dim=feature_dim,
         normalize=lambda images: (images - offset) * scale,
         weights=f"frozen:{path.name}",
         layer=FEATURE_NODE,
-        stages=stages,  # type: ignore[arg-type]
+        stages=stages,
         stage_names=stage_names if has_stages else (),
     )
 

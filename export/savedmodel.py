@@ -18,8 +18,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from export.backbones import Backbone
-from export.layout import (
+from integrity.manifest import write_manifest
+from matcher.backbones.builder import Backbone
+from matcher.backends.tfs_api import load_api
+from matcher.backends.tfserving_protos import predict_request
+from matcher.layout import (
     FEATURE_MAPS_SIGNATURE,
     INPUT_KEY,
     MODEL_INFO_FILE,
@@ -29,10 +32,7 @@ from export.layout import (
     ExportedModelInfo,
     versions,
 )
-from export.preprocess import decode_batch
-from integrity.manifest import write_manifest
-from service.backends.tfs_api import load_api
-from service.backends.tfserving_protos import predict_request
+from matcher.preprocess import decode_batch
 
 #: Batch sizes replayed at load time: TF Serving's allowed_batch_sizes in
 #: deploy/k8s/base/tfserving/batching.config, so no batch shape is first seen by a client.
@@ -72,6 +72,7 @@ class FeatureModule(tf.Module):
         return {OUTPUT_KEY: features}
 
     def _feature_maps(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        assert self.stages is not None, "traced only for a backbone with stages (see __init__)"
         pixels = self._normalize(decode_batch(images, self._size))
         maps = self.stages(pixels, training=False)
         return {f"stage{i}": tf.cast(m, tf.float32) for i, m in enumerate(maps, start=1)}

@@ -1,7 +1,7 @@
 """Generate the Python code for the Matcher contract.
 
 Run by `make proto`; `tests/test_proto_generated.py` runs it into a temporary folder and fails
-when the committed copy under `matcher/` differs, so the generated code can never go stale.
+when the committed copy under `matcher/v1/` differs, so the generated code can never go stale.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def generate(out_dir: Path) -> list[Path]:
     for package in {Path(p).parent for p in PROTO_FILES}:
         for parent in (package, *package.parents[:-1]):
             (out_dir / parent / "__init__.py").touch()
-    top_levels = {Path(p).parts[0] for p in PROTO_FILES}
+    # The generated packages only: matcher/ around matcher/v1/ is the hand-written library.
+    packages = {Path(p).parent for p in PROTO_FILES}
     return sorted(
-        f for top in top_levels for f in (out_dir / top).rglob("*") if f.suffix in (".py", ".pyi")
+        f for pkg in packages for f in (out_dir / pkg).rglob("*") if f.suffix in (".py", ".pyi")
     )
 
 

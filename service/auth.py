@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from service.errors import ConfigurationError
+from matcher.errors import ConfigurationError
+from service.grpc_types import Context, MethodHandler, ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ MALFORMED = "the authorization metadata must be one `Bearer <token>` value"
 WRONG = "the bearer token is not valid"
 
 #: The handler factory for each (request streaming, response streaming) shape.
-_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+_FACTORIES: dict[tuple[bool, bool], Callable[..., MethodHandler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -59,7 +60,7 @@ def read_token(path: Path) -> bytes:
     return token
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(ServerInterceptor):
     """Refuses calls without the right bearer token, except to methods under `exempt`."""
 
     def __init__(self, token: bytes, exempt: Iterable[str] = ()) -> None:
@@ -68,9 +69,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler:
         method = handler_call_details.method
         refusal = None
         if not method.startswith(self._exempt):
@@ -96,15 +97,18 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing_handler(
-    handler: grpc.RpcMethodHandler | None, method: str, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
+    handler: MethodHandler | None,
+    method: str,
+    code: grpc.StatusCode,
+    message: str,
+) -> MethodHandler:
     """A handler of the same streaming shape as `handler` that ends the call with `code`.
 
     It has no deserializer, so an unauthenticated request is never parsed. An unknown method
     is refused like a known one, so callers without a token cannot probe which ones exist.
     """
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: Any, context: Context) -> None:
         log.warning("refused %s from %s: %s", method, context.peer(), code.name)
         await context.abort(code, message)
 

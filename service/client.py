@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     with channel:
-        stub = matcher_pb2_grpc.MatcherStub(channel)
+        stub = matcher_pb2_grpc.MatcherStub(channel)  # type: ignore[no-untyped-call]
         for path in args.images:
             try:
                 request = matcher_pb2.ImageRequest(image=path.read_bytes(), top_k=args.top_k)

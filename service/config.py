@@ -1,5 +1,7 @@
 """Server settings: command-line flags, falling back to MATCHER_* environment variables.
 
+The core's settings (backend, classifier, limits, batching, reload) are `matcher.settings`'s;
+this adds what the gRPC process alone needs: where it listens, TLS and auth, metrics, logs.
 Built once in `main()` and passed to constructors; nothing is read at import time.
 """
 
@@ -9,12 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic_settings import CliApp, SettingsConfigDict
+
+from matcher.settings import CoreSettings
 
 MIB = 1 << 20
 
 
-class Settings(BaseSettings):
+class Settings(CoreSettings):
     """Every setting is a flag (`--model-dir`) and an environment variable (`MATCHER_MODEL_DIR`).
 
     A flag wins over the environment variable, which wins over the default.
@@ -30,99 +34,14 @@ class Settings(BaseSettings):
 
     host: str = Field("localhost", description="Interface to listen on; 0.0.0.0 for all.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    backend: Literal["embedded", "tfserving"] = Field(
-        "embedded",
-        description="Feature backend: `embedded` runs the SavedModel in this process; "
-        "`tfserving` calls TensorFlow Serving's PredictionService.",
-    )
-    model_dir: Path = Field(
-        Path("models/backbones/efficientnet_lite0"),
-        description="Embedded backend: the model base path holding numbered SavedModel "
-        "versions (TF Serving's layout).",
-    )
-    model_version: int | None = Field(
-        None, description="SavedModel version to serve; the latest when unset."
-    )
-    model_name: str = Field(
-        "efficientnet_lite0",
-        description="tfserving backend: the model name in TF Serving.",
-    )
-    tfserving_target: str = Field(
-        "localhost:8500", description="tfserving backend: TF Serving's gRPC address."
-    )
-    tfserving_timeout_s: float = Field(
-        10.0, gt=0, description="tfserving backend: deadline of each call to TF Serving, seconds."
-    )
-    tfserving_version_label: str | None = Field(
-        None,
-        description="tfserving backend: serve the version with this label (TF Serving's "
-        "version_labels) instead of --model-version or the latest.",
-    )
-    tfserving_signature: str = Field(
-        "serving_default", description="tfserving backend: the SavedModel signature to call."
-    )
-    tfserving_max_attempts: int = Field(
-        3,
-        ge=1,
-        description="tfserving backend: attempts per call when TF Serving answers UNAVAILABLE "
-        "(gRPC retries with exponential backoff; other errors are not retried).",
-    )
-    tfserving_api_descriptors: Path | None = Field(
-        None,
-        description="tfserving backend: TF Serving's API descriptors written by `python -m "
-        "service.backends.tfs_api FILE`; unset reads them from the installed "
-        "tensorflow-serving-api files (without importing TensorFlow).",
-    )
-    batch_max_size: int = Field(
-        32,
-        ge=1,
-        description="Most images in one model call: concurrent requests are batched "
-        "(like TF Serving's max_batch_size); 1 turns batching off.",
-    )
-    batch_timeout_s: float = Field(
-        0.0,
-        ge=0,
-        description="How long a model call may wait for more requests to fill its batch "
-        "(like batch_timeout_micros); 0 runs at once when the model is idle.",
-    )
-    max_queued_requests: int = Field(
-        64,
-        ge=1,
-        description="Requests allowed to wait for the model; beyond that, RESOURCE_EXHAUSTED. "
-        "Keep it plus --batch-max-size below --max-concurrent-rpcs, so that health checks "
-        "still find a free slot when the model is saturated.",
-    )
     health_check_interval_s: float = Field(
         2.0,
         gt=0,
         description="How often the feature backend is checked; health follows it "
         "(NOT_SERVING while TF Serving is unreachable).",
     )
-    classifier: Path = Field(
-        Path("models/classifiers/efficientnet_lite0/classifier.skops"),
-        description="The trained classifier: .skops (loads without running code) or .joblib (a "
-        "pickle: runs code when loaded). Verified before it is opened.",
-    )
-    classifier_sha256: str | None = Field(
-        None,
-        description="Expected sha256 of the classifier file, checked instead of the "
-        "manifest.json beside it: pins trust outside the folder. A mismatch refuses the file.",
-    )
     max_receive_bytes: int = Field(
         16 * MIB, gt=0, description="Largest request message accepted, bytes."
-    )
-    max_image_side: int = Field(
-        10_000,
-        gt=0,
-        description="Largest image width or height accepted, pixels (header check).",
-    )
-    max_image_pixels: int = Field(
-        50_000_000,
-        gt=0,
-        description="Largest width x height accepted (header check): bounds decode memory.",
-    )
-    min_image_side: int = Field(
-        16, gt=0, description="Smallest image width or height accepted, pixels."
     )
     grace_s: float = Field(
         5.0,
@@ -172,14 +91,6 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Prometheus /metrics endpoint on --host; 0 picks a free one, "
         "-1 turns it off.",
-    )
-
-    # --- hot reload ---
-    reload_interval_s: float = Field(
-        5.0,
-        ge=0,
-        description="How often the classifier file and the SavedModel versions are checked "
-        "for a new model to swap in; 0 turns hot reload off.",
     )
 
 

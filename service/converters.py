@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from matcher.domain import EmbedResult, MatchResult, ModelDescription, ModelIdentity
 from matcher.v1 import matcher_pb2
-from service.domain import EmbedResult, MatchResult, ModelDescription, ModelIdentity
 
 
 def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:

@@ -24,7 +24,9 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 
-from service import logs, metrics
+from matcher import metrics
+from service import logs
+from service.grpc_types import Context, MethodHandler, ServerInterceptor
 
 __all__ = ["interceptors", "request_id_from"]
 
@@ -36,7 +38,7 @@ _VALID_ID = re.compile(r"[\x20-\x7e]{1,128}")
 #: The method label of calls to methods no imported proto declares.
 UNKNOWN_METHOD = "unknown"
 
-_HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
+_HANDLER_KINDS: tuple[tuple[str, Callable[..., MethodHandler]], ...] = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler),
     ("unary_stream", grpc.unary_stream_rpc_method_handler),
     ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -44,7 +46,7 @@ _HANDLER_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
 )
 
 
-def interceptors() -> list[grpc.aio.ServerInterceptor]:
+def interceptors() -> list[ServerInterceptor]:
     """Server interceptors that give each call a request id, log it and count it."""
     return [ObservabilityInterceptor()]
 
@@ -60,14 +62,14 @@ def request_id_from(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(ServerInterceptor):
     """Wraps each call's handler in `_observed`."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler:
         request_id = request_id_from(handler_call_details.invocation_metadata)
         # Later interceptors log with the id too.
         token = logs.REQUEST_ID.set(request_id)
@@ -92,7 +94,7 @@ def _wrap(behavior: Callable[..., Any], method: str, request_id: str) -> Callabl
     """`behavior` run inside `_observed`, of the same kind (grpc.aio dispatches on it)."""
     if inspect.isasyncgenfunction(behavior):
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             with _observed(method, request_id, context):
                 async for response in behavior(request, context):
                     yield response
@@ -100,7 +102,7 @@ def _wrap(behavior: Callable[..., Any], method: str, request_id: str) -> Callabl
         return stream
     if inspect.iscoroutinefunction(behavior):
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Context) -> Any:
             with _observed(method, request_id, context):
                 return await behavior(request, context)
 
@@ -109,7 +111,7 @@ def _wrap(behavior: Callable[..., Any], method: str, request_id: str) -> Callabl
 
 
 @contextlib.contextmanager
-def _observed(method: str, request_id: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+def _observed(method: str, request_id: str, context: Context) -> Iterator[None]:
     """Set the request id (context and trailing metadata); at the end, count and log the call."""
     token = logs.REQUEST_ID.set(request_id)
     # Trailing metadata reaches the client with every status, errors included.
@@ -130,7 +132,7 @@ def _observed(method: str, request_id: str, context: grpc.aio.ServicerContext) -
             logs.REQUEST_ID.reset(token)
 
 
-def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _status_of(exc: BaseException, context: Context) -> grpc.StatusCode:
     """The status a call ending with `exc` is reported with."""
     if isinstance(exc, grpc.aio.AbortError):
         return context.code() or grpc.StatusCode.UNKNOWN

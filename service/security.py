@@ -12,14 +12,15 @@ from pathlib import Path
 
 import grpc
 
+from matcher.errors import ConfigurationError
 from service import auth
 from service.config import Settings
-from service.errors import ConfigurationError
+from service.grpc_types import ServerInterceptor
 
 log = logging.getLogger(__name__)
 
 
-def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(settings: Settings) -> list[ServerInterceptor]:
     """Server interceptors that check credentials sent in call metadata."""
     if settings.auth_token_file is None:
         return []

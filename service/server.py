@@ -14,19 +14,20 @@ from dataclasses import dataclass
 
 import grpc
 import threadpoolctl
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# `health.aio` of grpc_health, imported by its own name: grpc-stubs do not cover it.
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from matcher import metrics
+from matcher.core import MatcherCore
+from matcher.errors import BackendUnavailableError, MatcherError
+from matcher.factory import make_core
+from matcher.reload import ModelWatcher
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service import metrics, observability, security
-from service.backends.base import FeatureBackend
-from service.batcher import BatchingOptions
-from service.classifier import Classifier
+from service import observability, security
 from service.config import Settings
-from service.core import MatcherCore
-from service.errors import BackendUnavailableError, MatcherError
-from service.images import ImageLimits
-from service.reload import ModelWatcher
 from service.servicer import MatcherServicer
 
 log = logging.getLogger(__name__)
@@ -36,53 +37,13 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def make_backend(settings: Settings) -> FeatureBackend:
-    """The feature backend the settings ask for."""
-    if settings.backend == "tfserving":
-        from service.backends.tfserving import TFServingBackend, TFServingOptions
-
-        return TFServingBackend(
-            TFServingOptions(
-                target=settings.tfserving_target,
-                model_name=settings.model_name,
-                version=settings.model_version,
-                version_label=settings.tfserving_version_label,
-                signature=settings.tfserving_signature,
-                timeout_s=settings.tfserving_timeout_s,
-                max_attempts=settings.tfserving_max_attempts,
-                descriptors=settings.tfserving_api_descriptors,
-            )
-        )
-    from service.backends.embedded import EmbeddedBackend
-
-    return EmbeddedBackend(settings.model_dir, settings.model_version)
-
-
-def make_core(settings: Settings, backend: FeatureBackend | None = None) -> MatcherCore:
-    """The matcher core over the configured backend and classifier (not loaded yet)."""
-    return MatcherCore(
-        backend or make_backend(settings),
-        functools.partial(Classifier.load, settings.classifier, settings.classifier_sha256),
-        ImageLimits(
-            min_side=settings.min_image_side,
-            max_side=settings.max_image_side,
-            max_pixels=settings.max_image_pixels,
-        ),
-        BatchingOptions(
-            max_batch_size=settings.batch_max_size,
-            timeout_s=settings.batch_timeout_s,
-            max_queue=settings.max_queued_requests,
-        ),
-    )
-
-
 @dataclass
 class RunningServer:
     """A started server, the port it bound and its health service."""
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     core: MatcherCore
     #: Hot reload; None when it is turned off.
     watcher: ModelWatcher | None = None
@@ -146,7 +107,7 @@ class RunningServer:
         """Report NOT_SERVING to every watcher, then let in-flight calls finish."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-        await self.core.batcher.close()
+        await self.core.close()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.close)
 
@@ -166,8 +127,10 @@ async def start_server(settings: Settings, core: MatcherCore) -> RunningServer:
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    matcher_pb2_grpc.add_MatcherServicer_to_server(MatcherServicer(core), server)
-    health_servicer = health.aio.HealthServicer()
+    servicer = MatcherServicer(core)
+    # The generated _grpc module has no type stub.
+    matcher_pb2_grpc.add_MatcherServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

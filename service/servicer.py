@@ -12,24 +12,23 @@ from typing import TypeVar
 
 import grpc
 
-from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service import converters
-from service.core import MatcherCore
-from service.errors import (
+from matcher.core import MatcherCore
+from matcher.errors import (
     BackendUnavailableError,
     InvalidImageError,
-    InvalidRequestError,
     MatcherError,
     ModelLoadError,
     NotReadyError,
     OverloadedError,
 )
+from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from service import converters
+from service.grpc_types import Context
 
 log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[MatcherError], grpc.StatusCode] = {
     InvalidImageError: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
@@ -38,7 +37,7 @@ STATUS_OF: dict[type[MatcherError], grpc.StatusCode] = {
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[["MatcherServicer", Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Handler = Callable[["MatcherServicer", Req, "Context"], Awaitable[Resp]]
 
 
 def status_for(error: MatcherError) -> grpc.StatusCode:
@@ -51,9 +50,7 @@ def status_for(error: MatcherError) -> grpc.StatusCode:
 
 def _map_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(handler)
-    async def wrapper(
-        self: MatcherServicer, request: Req, context: grpc.aio.ServicerContext
-    ) -> Resp:
+    async def wrapper(self: MatcherServicer, request: Req, context: Context) -> Resp:
         try:
             return await handler(self, request, context)
         except MatcherError as exc:
@@ -77,14 +74,14 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
 
     @_map_errors
     async def Match(
-        self, request: matcher_pb2.ImageRequest, context: grpc.aio.ServicerContext
+        self, request: matcher_pb2.ImageRequest, context: Context
     ) -> matcher_pb2.MatchResponse:
         result = await self._core.match(request.image, request.top_k)
         return converters.match_to_proto(result)
 
     @_map_errors
     async def Embed(
-        self, request: matcher_pb2.ImageRequest, context: grpc.aio.ServicerContext
+        self, request: matcher_pb2.ImageRequest, context: Context
     ) -> matcher_pb2.EmbedResponse:
         result = await self._core.embed(request.image)
         return converters.embed_to_proto(result)
@@ -93,6 +90,6 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
     async def GetModelInfo(
         self,
         request: matcher_pb2.GetModelInfoRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> matcher_pb2.ModelInfo:
         return converters.description_to_proto(self._core.describe())

@@ -23,8 +23,8 @@ QUERY_VIEWS = 4
 @pytest.fixture(scope="session")
 def exported_model(tmp_path_factory: pytest.TempPathFactory):
     """EfficientNet-Lite0 with its genuine ImageNet weights, exported as a SavedModel."""
-    from export.backbones import build_backbone
     from export.savedmodel import export_backbone
+    from matcher.backbones.builder import build_backbone
 
     base = tmp_path_factory.mktemp("backbones")
     return export_backbone(build_backbone("efficientnet_lite0", "imagenet"), base)
@@ -40,7 +40,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def embedded_backend(exported_model):
-    from service.backends.embedded import EmbeddedBackend
+    from matcher.backends.embedded import EmbeddedBackend
 
     backend = EmbeddedBackend(exported_model.path.parent)
     backend.load()
@@ -88,7 +88,8 @@ def settings(exported_model, trained):
 @pytest.fixture(scope="session")
 async def server(settings) -> AsyncIterator:
     """The real gRPC server on a free port, models loaded."""
-    from service.server import make_core, start_server
+    from matcher.factory import make_core
+    from service.server import start_server
 
     running = await start_server(settings, make_core(settings))
     await running.load_models()

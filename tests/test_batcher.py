@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from matcher.batcher import BatchingOptions, DynamicBatcher
+from matcher.errors import InvalidImageError, OverloadedError
 from matcher.v1 import matcher_pb2
-from service.batcher import BatchingOptions, DynamicBatcher
-from service.errors import InvalidImageError, OverloadedError
 from tests import samples
 
 
@@ -80,8 +80,8 @@ async def test_one_bad_image_does_not_fail_its_batch_mates() -> None:
     await batcher.close()
     assert results[0][0] == 0.0 and results[1][0] == 1.0 and results[3][0] == 3.0
     assert isinstance(results[2], InvalidImageError)
-    assert model.calls[1] == 3  # tried together first, then one at a time
-    assert model.calls[2:] == [1, 1, 1]
+    assert model.calls[1] == 3  # tried together first, then halved down to the bad one
+    assert model.calls[2:] == [1, 2, 1, 1]
 
 
 async def test_a_full_queue_is_overloaded() -> None:

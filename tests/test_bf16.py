@@ -9,8 +9,8 @@ are printed (`pytest -s` shows them).
 
 Also checked: the metadata says bf16, the signatures are unchanged (encoded images in, float32
 features out), the SavedModel's own graph computes in bfloat16 (no runtime option needed), the
-float32 layers are where export.precision puts them, and building a bf16 backbone leaves the
-global Keras dtype policy alone. Speed is measured by bench/precision.py, not here.
+float32 layers are where matcher.backbones.precision puts them, and building a bf16 backbone leaves
+the global Keras dtype policy alone. Speed is measured by bench/precision.py, not here.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow.core.framework import types_pb2
 
-from export import precision
-from export.backbones import ExportError, build_backbone
-from export.layout import (
+from matcher.backbones import precision
+from matcher.backbones.builder import ExportError, build_backbone
+from matcher.layout import (
     FEATURE_MAPS_SIGNATURE,
     OUTPUT_KEY,
     SIGNATURE,
@@ -110,7 +110,7 @@ def bf16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bf16_backend(bf16_model: Path):
-    from service.backends.embedded import EmbeddedBackend
+    from matcher.backends.embedded import EmbeddedBackend
 
     backend = EmbeddedBackend(bf16_model.parent)
     backend.load()
@@ -181,7 +181,7 @@ def test_bf16_features_match_fp32_on_real_photos(
 def test_classifier_top_label_agrees_on_demo_queries(
     embedded_backend, bf16_backend, demo, trained, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from service.classifier import Classifier
+    from matcher.classifier import Classifier
 
     classifier = Classifier.load(trained.classifier_path)
     queries = [path.read_bytes() for _, path in query_images(demo)]

@@ -21,11 +21,12 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
 from integrity.manifest import MANIFEST_FILE, read_manifest, verify, write_manifest
+from matcher.classifier import SKOPS_ALLOWED_TYPES, Classifier, file_sha256
+from matcher.errors import ModelLoadError
+from matcher.factory import make_core
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service.classifier import SKOPS_ALLOWED_TYPES, Classifier, file_sha256
 from service.config import Settings
-from service.errors import ModelLoadError
-from service.server import make_core, start_server
+from service.server import start_server
 from tests.conftest import query_images
 
 
@@ -155,12 +156,13 @@ def test_an_unknown_suffix_is_refused(trained, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_features(demo, embedded_backend) -> tuple[np.ndarray, list[str]]:
     """Real features and labels of a quarter of the demo training views."""
-    from train.dataset import discover
-    from train.pipeline import features_for
+    from matcher.dataset import discover
+    from matcher.extraction import extract_features
 
     dataset = discover(demo.out / "train")
     keep = [i for i in range(len(dataset.paths)) if i % 4 == 0]
-    features = features_for([dataset.paths[i] for i in keep], embedded_backend)
+    paths = [dataset.paths[i] for i in keep]
+    features = extract_features(paths, embedded_backend, None, progress=False).features
     return features, [dataset.labels[i] for i in keep]
 
 

@@ -12,7 +12,7 @@ import skimage.data
 import tensorflow as tf
 from sklearn.datasets import load_sample_image
 
-from export.efficientnet_lite import (
+from matcher.backbones.efficientnet_lite import (
     FEATURE_DIM,
     VARIANTS,
     build_efficientnet_lite,

@@ -29,9 +29,13 @@ from PIL import Image, ImageOps
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from export import inception
-from export.backbones import Backbone, ExportError, build_backbone, names
-from export.layout import (
+from export.savedmodel import ExportedModel, export_backbone
+from integrity.manifest import MANIFEST_FILE, read_manifest, verify, write_manifest
+from matcher.backbones import inception
+from matcher.backbones.builder import Backbone, ExportError, build_backbone, names
+from matcher.backends.embedded import EmbeddedBackend
+from matcher.errors import ModelLoadError
+from matcher.layout import (
     INPUT_KEY,
     MODEL_INFO_FILE,
     OUTPUT_KEY,
@@ -41,11 +45,7 @@ from export.layout import (
     read_model_info,
     versions,
 )
-from export.preprocess import decode_batch
-from export.savedmodel import ExportedModel, export_backbone
-from integrity.manifest import MANIFEST_FILE, read_manifest, verify, write_manifest
-from service.backends.embedded import EmbeddedBackend
-from service.errors import ModelLoadError
+from matcher.preprocess import decode_batch
 from tests import samples
 from tests.cli_output import cli_stderr_lines
 

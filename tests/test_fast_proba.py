@@ -7,7 +7,7 @@ import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.svm import SVC, LinearSVC
 
-from service.fast_proba import compile_probabilities
+from matcher.fast_proba import compile_probabilities
 
 
 def clustered(n_classes: int, per_class: int = 30, dim: int = 64, seed: int = 0):
@@ -54,7 +54,7 @@ def test_other_models_keep_scikit_learn(model) -> None:
 
 
 def test_the_trained_demo_classifier_takes_the_numpy_path(trained) -> None:
-    from service.classifier import Classifier
+    from matcher.classifier import Classifier
 
     classifier = Classifier.load(trained.classifier_path)
     features = np.load(trained.classifier_path.parent / "features.npz")["features"][:40]

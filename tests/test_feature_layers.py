@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from export.backbones import ExportError, build_backbone
-from export.layout import FEATURE_MAPS_SIGNATURE, INPUT_KEY, SIGNATURE, read_model_info
 from export.savedmodel import export_backbone
+from matcher.backbones.builder import ExportError, build_backbone
+from matcher.layout import FEATURE_MAPS_SIGNATURE, INPUT_KEY, SIGNATURE, read_model_info
 from tests import samples
 
 
@@ -51,7 +51,7 @@ def test_an_unknown_layer_names_some_that_exist() -> None:
 
 
 def test_the_service_reports_the_layer(tmp_path: Path, mid_level) -> None:
-    from service.backends.embedded import EmbeddedBackend
+    from matcher.backends.embedded import EmbeddedBackend
 
     backend = EmbeddedBackend(mid_level.path.parent)
     backend.load()

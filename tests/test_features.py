@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.domain import BackboneInfo
-from service.errors import BackendUnavailableError, InvalidImageError
+from matcher.domain import BackboneInfo
+from matcher.errors import BackendUnavailableError, InvalidImageError
+from matcher.extraction import FeatureCache, extract_features, kept_mask_path
 from tests.samples import bad_images, encode, good_images
-from train.features import FeatureCache, extract_features, kept_mask_path
 
 DIM = 1280
 #: Bytes the fake backend refuses to "decode" although their header is fine.

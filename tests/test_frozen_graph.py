@@ -24,10 +24,11 @@ from sklearn.datasets import load_sample_images
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from export import inception
-from export.backbones import ExportError, build_backbone
 from export.frozen_graph import FILE_NAME, build_frozen_graph_backbone
-from export.layout import (
+from export.savedmodel import ExportedModel, export_backbone
+from matcher.backbones import inception
+from matcher.backbones.builder import ExportError, build_backbone
+from matcher.layout import (
     FEATURE_MAPS_SIGNATURE,
     INPUT_KEY,
     OUTPUT_KEY,
@@ -35,8 +36,7 @@ from export.layout import (
     ExportedModelInfo,
     read_model_info,
 )
-from export.preprocess import decode_batch
-from export.savedmodel import ExportedModel, export_backbone
+from matcher.preprocess import decode_batch
 from tests import samples
 from tests.cli_output import cli_stderr_lines, run_module
 

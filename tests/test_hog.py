@@ -12,13 +12,13 @@ from skimage import data as skdata
 from skimage.feature import hog
 
 import train.hog as hog_module
-from service.errors import InvalidImageError
+from matcher.errors import InvalidImageError
+from matcher.extraction import extract_features
 from tests.samples import bad_images, encode, good_images
-from train.features import extract_features
 from train.hog import HogBackend, HogParams, nearest_reference_sad
 
 #: Bad inputs that must fail to decode. The 1x1 PNG is a valid image: refusing it for its size
-#: is `service.images.inspect_image`'s job, which `train.features` runs before the backend.
+#: is `matcher.images.inspect_image`'s job, which `matcher.extraction` runs before the backend.
 UNDECODABLE = sorted(set(bad_images()) - {"one_pixel_png"})
 
 
@@ -93,7 +93,6 @@ def test_truncated_jpeg_is_refused_not_padded(backend: HogBackend) -> None:
 def test_info_and_protocol_members() -> None:
     backend = HogBackend()
     backend.load()
-    backend.check()
     info = backend.info
     assert backend.ready and backend.kind == "hog"
     assert (info.name, info.version, info.input_size, info.layer) == ("hog", 1, 128, "hog")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InvalidImageError
-from service.images import ImageLimits, inspect_image
+from matcher.errors import InvalidImageError
+from matcher.images import ImageLimits, inspect_image
 from tests import samples
 
 LIMITS = ImageLimits(min_side=16, max_side=10_000)

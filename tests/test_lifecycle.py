@@ -14,8 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from matcher.factory import make_core
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service.server import SERVICE_NAME, make_core, start_server
+from service.server import SERVICE_NAME, start_server
 from tests import samples
 from tests.cli_output import run_module
 from tests.conftest import query_images

@@ -19,12 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy import render
+from matcher import metrics
+from matcher.batcher import BatchingOptions, DynamicBatcher
+from matcher.factory import make_core
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service import logs, metrics, observability
-from service.batcher import BatchingOptions, DynamicBatcher
-from service.server import RunningServer, make_core, start_server
-from tests import samples
+from service import logs, observability
+from service.server import RunningServer, start_server
+from tests import kustomize, samples
 from tests.test_grpcurl import grpcurl
 
 MATCH = "/matcher.v1.Matcher/Match"
@@ -168,7 +169,7 @@ async def test_metrics_off_and_a_taken_metrics_port(running, settings) -> None:
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_the_pods_are_scraped_where_the_matcher_serves_metrics(overlay: str) -> None:
-    objects = render.build(Path(__file__).parent.parent / "deploy/k8s/overlays" / overlay)
+    objects = kustomize.build(Path(__file__).parent.parent / "deploy/k8s/overlays" / overlay)
     [deployment] = [
         o for o in objects if (o["kind"], o["metadata"]["name"]) == ("Deployment", "matcher")
     ]

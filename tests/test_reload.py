@@ -34,7 +34,7 @@ def model_copies(tmp_path: Path, exported_model, trained) -> tuple[Path, Path]:
 
 def new_classifier_file(path: Path, generation: int, source: Path) -> None:
     """The estimator of `source` in other bytes (another sha256), put in place as `train` does."""
-    from service.classifier import Classifier
+    from matcher.classifier import Classifier
 
     estimator = Classifier.load(source)._estimator
     estimator.reload_generation_ = generation  # changes the bytes, not the answers
@@ -57,7 +57,8 @@ def new_backbone_version(models: Path, version: int) -> None:
 
 
 async def start(settings):
-    from service.server import make_core, start_server
+    from matcher.factory import make_core
+    from service.server import start_server
 
     running = await start_server(settings, make_core(settings))
     await running.load_models()
@@ -168,7 +169,7 @@ async def test_tampered_files_are_refused_logged_counted_and_old_models_keep_ser
         # A new backbone version with one variables byte changed after export.
         new_backbone_version(models, version=2)
         flip_byte(next((models / "2" / "variables").glob("*.data-*")))
-        with caplog.at_level(logging.WARNING, logger="service.reload"):
+        with caplog.at_level(logging.WARNING, logger="matcher.reload"):
             assert watcher.check_once().refused == {}  # first sight: not settled yet
             outcome = await asyncio.to_thread(watcher.check_once)
         assert set(outcome.refused) == {"backbone", "classifier"}

@@ -22,10 +22,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from matcher.errors import ConfigurationError
+from matcher.factory import make_core
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from service.config import Settings
-from service.errors import ConfigurationError
-from service.server import RunningServer, make_core, start_server
+from service.server import RunningServer, start_server
 from tests import samples
 from tests.certs import CertFiles, make_certs
 from tests.cli_output import cli_stderr_lines, run_module

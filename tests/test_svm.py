@@ -10,14 +10,14 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.model_selection import ParameterGrid
 from sklearn.svm import SVC
 
-from train.__main__ import parse_args
-from train.svm import (
+from matcher.svm import (
     SEARCH_SAMPLES,
     grid_search,
+    param_grid,
     plan_search,
     stratified_subsample,
-    svc_grid,
 )
+from train.__main__ import parse_args
 
 
 def clustered(samples: int, labels: int, dim: int = 16, seed: int = 0):
@@ -31,7 +31,7 @@ def clustered(samples: int, labels: int, dim: int = 16, seed: int = 0):
 
 def candidates() -> list[dict]:
     """Every parameter set of the grid, as SVC keyword arguments."""
-    return list(ParameterGrid(svc_grid()))
+    return list(ParameterGrid(param_grid()))
 
 
 def test_a_small_catalogue_is_searched_whole_with_ten_folds() -> None:

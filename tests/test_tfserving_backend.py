@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from matcher.backends.tfserving import TFServingBackend, TFServingOptions
+from matcher.errors import BackendUnavailableError, InvalidImageError, ModelLoadError
+from matcher.factory import make_core
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service.backends.tfserving import TFServingBackend, TFServingOptions
 from service.config import Settings
-from service.errors import BackendUnavailableError, InvalidImageError, ModelLoadError
-from service.server import RunningServer, make_core, start_server
+from service.server import RunningServer, start_server
 from tests import samples
 from tests.conftest import query_images
 from tests.tfserving_double import TFServingDouble
@@ -186,7 +187,7 @@ def test_a_classifier_for_other_features_is_refused_at_start(settings, double, t
     import joblib
     from sklearn.linear_model import LogisticRegression
 
-    from service.classifier import file_sha256
+    from matcher.classifier import file_sha256
 
     rng = np.random.default_rng(0)
     path = tmp_path / "other.joblib"
@@ -288,7 +289,7 @@ async def test_start_waits_for_an_unreachable_backend(settings, exported_model) 
 def test_the_backend_never_imports_tensorflow(double, tmp_path) -> None:
     descriptors = tmp_path / "tfserving_api.binpb"
     subprocess.run(
-        [sys.executable, "-m", "service.backends.tfs_api", str(descriptors)],
+        [sys.executable, "-m", "matcher.backends.tfs_api", str(descriptors)],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -296,7 +297,7 @@ def test_the_backend_never_imports_tensorflow(double, tmp_path) -> None:
     program = f"""
 import sys
 from pathlib import Path
-from service.backends.tfserving import TFServingBackend, TFServingOptions
+from matcher.backends.tfserving import TFServingBackend, TFServingOptions
 backend = TFServingBackend(TFServingOptions(
     target={double.target!r}, model_name={MODEL!r}, descriptors=Path({str(descriptors)!r})))
 backend.load()

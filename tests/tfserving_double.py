@@ -62,7 +62,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from export.layout import SIGNATURE, versions
+from matcher.layout import SIGNATURE, versions
 
 __all__ = ["AS_PROTO_CONTENT", "AS_PROTO_FIELD", "ServingError", "TFServingDouble", "main"]
 

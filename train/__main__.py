@@ -10,10 +10,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from matcher.settings import BackendSettings
 
 if TYPE_CHECKING:
-    from service.backends.base import FeatureBackend
+    from matcher.backends.base import FeatureExtractor
+
+
+def _default(field: str) -> Any:
+    """The server's default for a backend setting: one default, written in matcher.settings."""
+    return BackendSettings.model_fields[field].default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,24 +38,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backend",
         choices=("embedded", "tfserving"),
-        default="embedded",
+        default=_default("backend"),
         help="feature backend, as the server's --backend (%(default)s)",
     )
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=Path("models/backbones/efficientnet_lite0"),
+        default=_default("model_dir"),
         help="embedded: SavedModel base path (%(default)s)",
     )
     parser.add_argument("--model-version", type=int, help="SavedModel version (latest)")
     parser.add_argument(
         "--model-name",
-        default="efficientnet_lite0",
+        default=_default("model_name"),
         help="tfserving: model name (%(default)s)",
     )
     parser.add_argument(
         "--tfserving-target",
-        default="localhost:8500",
+        default=_default("tfserving_target"),
         help="tfserving: TF Serving gRPC address (%(default)s)",
     )
     parser.add_argument(
@@ -112,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter
-    from service.config import Settings
-    from service.errors import MatcherError
-    from service.server import make_backend
-    from train.dataset import DatasetError
+    from matcher.dataset import DatasetError
+    from matcher.errors import MatcherError
+    from matcher.factory import make_backend
     from train.pipeline import TrainConfig, train
 
-    settings = Settings(
+    settings = BackendSettings(
         backend=args.backend,
         model_dir=args.model_dir,
         model_version=args.model_version,
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _hog_backend() -> FeatureBackend:
+def _hog_backend() -> FeatureExtractor:
     from train.hog import HogBackend
 
     return HogBackend()

@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from service.backends.base import FeatureBackend
+from matcher.backends.base import FeatureExtractor
+from matcher.svm import grid_search
 from train.hog import HogBackend, nearest_reference_sad
-from train.svm import grid_search
-
-if TYPE_CHECKING:
-    from train.pipeline import TrainConfig
 
 
-def _batched(backend: FeatureBackend, images: Sequence[bytes], batch_size: int) -> np.ndarray:
+@dataclass(frozen=True)
+class BaselineOptions:
+    """How the baselines batch and search: the training run's own settings."""
+
+    batch_size: int = 32
+    folds: int = 10
+    jobs: int = -1
+    seed: int = 0
+
+
+def _batched(backend: FeatureExtractor, images: Sequence[bytes], batch_size: int) -> np.ndarray:
     parts = [
         backend.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)
     ]
@@ -46,15 +54,15 @@ def compare_methods(
     labels: Sequence[str],
     train_idx: np.ndarray,
     test_idx: np.ndarray,
-    backend: FeatureBackend,
+    backend: FeatureExtractor,
     classifier: Any,
-    config: TrainConfig,
-) -> dict[str, dict]:
+    options: BaselineOptions,
+) -> dict[str, dict[str, Any]]:
     """Accuracy and time per image of CNN + SVM, HoG + nearest SAD and HoG + SVM."""
     queries = [paths[i].read_bytes() for i in test_idx]
     truth = [labels[i] for i in test_idx]
     y_train = [labels[i] for i in train_idx]
-    size = config.batch_size
+    size = options.batch_size
 
     cnn, cnn_s = _timed(
         lambda: list(classifier.predict(_batched(backend, queries, size))), len(queries)
@@ -68,7 +76,7 @@ def compare_methods(
     )
     # Scored on labels only, so the bare SVC is searched (the same grid, no calibration).
     search = grid_search(
-        references, y_train, config.folds, config.jobs, config.seed, calibrated=False
+        references, y_train, options.folds, options.jobs, options.seed, calibrated=False
     )
     svm, svm_s = _timed(lambda: list(search.predict(_batched(hog, queries, size))), len(queries))
     name = backend.info.name

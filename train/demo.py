@@ -460,8 +460,12 @@ def _renderer(
     workers = min(4, cores or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="demo")
 
+    def render_one(job: tuple[str, str, int]) -> tuple[bytes, str]:
+        label, split, index = job
+        return _render_view(label, split, index, seed)
+
     def render(jobs: list[tuple[str, str, int]]) -> Iterator[tuple[bytes, str]]:
-        return pool.map(lambda job: _render_view(*job, seed), jobs)
+        return pool.map(render_one, jobs)
 
     try:
         yield render

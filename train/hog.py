@@ -1,7 +1,7 @@
 """The pre-CNN baseline: HoG features, matched by nearest reference (SAD) or by the same SVM.
 
-`HogBackend` fulfils the FeatureBackend protocol without TensorFlow, so `train.features` and
-`train.pipeline` run HoG exactly as they run a CNN backbone (same split, cache and grid search),
+`HogBackend` fulfils the FeatureExtractor protocol without TensorFlow, so `matcher.extraction`
+and `train.pipeline` run HoG exactly as they run a CNN backbone (same split, cache and grid search),
 and the training report can compare the two on equal terms.
 """
 
@@ -19,9 +19,9 @@ import skimage
 from PIL import Image, UnidentifiedImageError
 from skimage.feature import hog
 
-from service.domain import BackboneInfo
-from service.errors import InvalidImageError
-from service.images import SUPPORTED_FORMATS
+from matcher.domain import BackboneInfo
+from matcher.errors import InvalidImageError
+from matcher.images import SUPPORTED_FORMATS
 
 #: Elements of the |query - reference| temporary in `nearest_reference_sad` (64 MiB of float32).
 SAD_CHUNK_ELEMENTS = 1 << 24
@@ -54,7 +54,7 @@ class HogParams:
 
 
 class HogBackend:
-    """A FeatureBackend computing HoG on the CPU: nothing to load, always reachable."""
+    """A FeatureExtractor computing HoG on the CPU: nothing to load, always reachable."""
 
     kind = "hog"
 
@@ -65,7 +65,8 @@ class HogBackend:
         self._workers = workers or _usable_cpus()
         # skimage's version is part of the fingerprint: cached features must not outlive a
         # change in how HoG is computed.
-        key = repr((sorted(asdict(params).items()), skimage.__version__, "pillow-bilinear-L"))
+        version = skimage.__version__  # type: ignore[attr-defined]  # not in skimage's .pyi
+        key = repr((sorted(asdict(params).items()), version, "pillow-bilinear-L"))
         self._info = BackboneInfo(
             name="hog",
             version=1,
@@ -77,9 +78,6 @@ class HogBackend:
 
     def load(self) -> None:
         """Nothing to load."""
-
-    def check(self) -> None:
-        """In-process: always available."""
 
     @property
     def ready(self) -> bool:
@@ -168,4 +166,4 @@ def nearest_reference_sad(
             best[better] = value[better]
             index[better] = r0 + where[better]
         nearest[q0 : q0 + len(query)] = index
-    return [reference_labels[i] for i in nearest]
+    return [reference_labels[int(i)] for i in nearest]

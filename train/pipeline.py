@@ -17,10 +17,12 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from integrity.manifest import write_manifest
-from service.backends.base import FeatureBackend
-from service.classifier import REPORT_FILE, file_sha256
-from train.dataset import DatasetError, discover
-from train.features import FeatureCache, extract_features
+from matcher.backends.base import FeatureExtractor
+from matcher.classifier import file_sha256
+from matcher.dataset import DatasetError, discover
+from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
+from matcher.layout import CLASSIFIER_FILES, DEFAULT_FORMAT, FEATURES_FILE, REPORT_FILE
+from matcher.svm import best_params, grid_search
 from train.report import (
     build_report,
     format_confusion,
@@ -28,16 +30,11 @@ from train.report import (
     search_summary,
     write_report,
 )
-from train.svm import best_params, grid_search
 
 log = logging.getLogger(__name__)
 
-#: Classifier file per format. skops rebuilds the estimator without running code from the
-#: file; joblib is a pickle (runs code when loaded), kept for files and tools that expect it.
-CLASSIFIER_FILES = {"skops": "classifier.skops", "joblib": "classifier.joblib"}
-DEFAULT_FORMAT = "skops"
-#: Every image's features, label, path and split, for the report's pictures.
-FEATURES_FILE = "features.npz"
+#: Where extraction streams the features while it runs (hidden; unlinked once mapped).
+STREAM_FILE = f".{FEATURES_FILE}.extracting.npy"
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class TrainConfig:
     model_dir: Path | None = None
     #: The classifier file format: a key of CLASSIFIER_FILES.
     format: str = DEFAULT_FORMAT
-    #: The SVM search: "auto" (a subsample above train.svm.SEARCH_SAMPLES) or "full".
+    #: The SVM search: "auto" (a subsample above matcher.svm.SEARCH_SAMPLES) or "full".
     search: str = "auto"
 
 
@@ -70,7 +67,7 @@ class TrainResult:
     report: dict[str, Any]
 
 
-def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
+def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     """Run the whole training and write the classifier, its report and manifest under `out`."""
     if config.format not in CLASSIFIER_FILES:
         raise ValueError(f"unknown classifier format {config.format!r}")
@@ -79,9 +76,7 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
         backend.load()
     info = backend.info
     cache = FeatureCache(config.cache_dir, info.cache_key) if config.cache_dir else None
-    extraction = extract_features(
-        dataset.paths, backend, cache, config.batch_size, progress=config.progress
-    )
+    extraction = _extract(dataset.paths, backend, cache, config)
     for path, why in extraction.rejected.items():
         log.warning("skipped %s: %s", path, why)
     labels = [dataset.labels[i] for i in extraction.kept]
@@ -116,10 +111,12 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
     )
     baselines = None
     if config.baselines:
-        from train.baselines import compare_methods
+        # Imported only when asked for: HoG pulls in scikit-image.
+        from train.baselines import BaselineOptions, compare_methods
 
+        options = BaselineOptions(config.batch_size, config.folds, config.jobs, config.seed)
         baselines = compare_methods(
-            kept_paths, labels, train_idx, test_idx, backend, search.best_estimator_, config
+            kept_paths, labels, train_idx, test_idx, backend, search.best_estimator_, options
         )
     report = build_report(
         data={
@@ -151,6 +148,25 @@ def train(config: TrainConfig, backend: FeatureBackend) -> TrainResult:
     write_manifest(config.out, tool="train", kind="classifier")
     _print_summary(report, holdout, best_params(search))
     return TrainResult(classifier_path, report_path, report)
+
+
+def _extract(
+    paths: list[Path], backend: FeatureExtractor, cache: FeatureCache | None, config: TrainConfig
+) -> Extraction:
+    """Features of `paths`, streamed to a file rather than held in memory while they grow.
+
+    The file is unlinked as soon as it is mapped: the mapping keeps it readable for this run
+    (the split, the search and features.npz read it), the disk space returns when the run
+    ends, and an interrupted run leaves nothing behind in the folder.
+    """
+    stream = config.out / STREAM_FILE
+    try:
+        return extract_features(
+            paths, backend, cache, config.batch_size, progress=config.progress, out=stream
+        )
+    finally:
+        stream.unlink(missing_ok=True)
+        kept_mask_path(stream).unlink(missing_ok=True)
 
 
 def _check_enough(labels: list[str]) -> None:
@@ -214,15 +230,9 @@ def save_features(
     is_holdout[holdout] = True
     np.savez_compressed(
         path,
-        features=features.astype(np.float32),
+        # No copy of a mapped float32 file: savez writes it in buffered chunks.
+        features=np.asarray(features, dtype=np.float32),
         labels=np.asarray(labels),
         paths=np.asarray(paths),
         holdout=is_holdout,
     )
-
-
-def features_for(paths: list[Path], backend: FeatureBackend) -> np.ndarray:
-    """Features for a few files without caching (for scripts and tests)."""
-    if not backend.ready:
-        backend.load()
-    return extract_features(paths, backend, None, progress=False).features

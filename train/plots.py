@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_hex
+from matplotlib.colors import ListedColormap, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
@@ -50,14 +50,22 @@ def label_styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
     first seven `Dark2` ones, then evenly spaced `turbo` hues. The marker shape changes from
     one label to the next as well, so two labels whose colours look alike differ in shape.
     """
-    palette = [to_hex(c) for c in matplotlib.colormaps["tab10"].colors]
-    palette += [to_hex(matplotlib.colormaps["tab20b"].colors[i]) for i in (0, 4, 8, 12, 16)]
-    palette += [to_hex(c) for c in matplotlib.colormaps["Dark2"].colors[:7]]  # not its grey
+    palette = _listed_colours("tab10")
+    palette += [_listed_colours("tab20b")[i] for i in (0, 4, 8, 12, 16)]
+    palette += _listed_colours("Dark2")[:7]  # not its grey
     extra = len(labels) - len(palette)
     if extra > 0:
         turbo = matplotlib.colormaps["turbo"]
         palette += [to_hex(turbo(x)) for x in np.linspace(0.05, 0.95, extra)]
     return {label: (palette[i], MARKERS[i % len(MARKERS)]) for i, label in enumerate(labels)}
+
+
+def _listed_colours(name: str) -> list[str]:
+    """The colours of one of matplotlib's qualitative (listed) colormaps, as hex strings."""
+    colormap = matplotlib.colormaps[name]
+    if not isinstance(colormap, ListedColormap):
+        raise ValueError(f"{name} is not a listed colormap")
+    return [to_hex(c) for c in np.asarray(colormap.colors)]
 
 
 def _text_colour(value: float) -> str:
@@ -162,7 +170,7 @@ def grid_figure(candidates: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
                 ha="center",
                 va="center",
                 fontsize=9,
-                color=_text_colour(scale[i, j]),
+                color=_text_colour(float(scale[i, j])),
             )
     best_col = "linear" if best.get("kernel") == "linear" else best.get("gamma")
     if best.get("C") in c_values and best_col in columns:
@@ -190,25 +198,26 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def tsne_figure(
-    embedding: np.ndarray, labels: Sequence[str], holdout: np.ndarray, title: str
+    embedding: np.ndarray, labels: Sequence[str] | np.ndarray, holdout: np.ndarray, title: str
 ) -> Figure:
     """Scatter of the 2-D embedding: one colour and shape per label, held-out points hollow."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     holdout = np.asarray(holdout, dtype=bool)
-    names = sorted(set(labels.tolist()))
+    names = sorted(set(label_array.tolist()))
     styles = label_styles(names)
     figure = Figure(figsize=(10.5, 7.5), layout="constrained")
     ax = figure.add_subplot()
     for name in names:
         colour, marker = styles[name]
-        train = (labels == name) & ~holdout
-        held = (labels == name) & holdout
-        ax.scatter(
-            *embedding[train].T, s=36, c=colour, marker=marker, edgecolors="none", alpha=0.85
-        )
+        train = (label_array == name) & ~holdout
+        held = (label_array == name) & holdout
+        x, y = embedding[train].T
+        ax.scatter(x, y, s=36, c=colour, marker=marker, edgecolors="none", alpha=0.85)
         # Hollow and drawn on top, so a held-out point inside its cluster is still visible.
+        x, y = embedding[held].T
         ax.scatter(
-            *embedding[held].T,
+            x,
+            y,
             s=64,
             facecolors="none",
             edgecolors=colour,

@@ -12,8 +12,8 @@ import sklearn
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 from sklearn.model_selection import GridSearchCV
 
-from service.domain import BackboneInfo
-from train.svm import best_params
+from matcher.domain import BackboneInfo
+from matcher.svm import best_params
 
 
 def holdout_metrics(labels: list[str], truth: list[str], predicted: list[str]) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def search_summary(search: GridSearchCV, seconds: float) -> dict[str, Any]:
     results = search.cv_results_
     candidates = [
         {
-            "params": {k.removeprefix("estimator__"): v for k, v in params.items()},
+            "params": dict(params),
             "mean_accuracy": float(mean),
             "std_accuracy": float(std),
             "rank": int(rank),

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from matcher.layout import REPORT_FILE
 from train import plots
 
-REPORT_FILE = "report.json"
 DEFAULT_OUT = "report"
 HTML_FILE = "index.html"
 #: Every file this module may write; stale ones from an earlier report are removed.
@@ -169,7 +169,7 @@ def model_views(backbone: dict[str, Any], image: Path) -> ModelViews:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # imported here: a HoG run or a bad folder never pays for it
 
-    from export.layout import (
+    from matcher.layout import (
         FEATURE_MAPS_SIGNATURE,
         INPUT_KEY,
         OUTPUT_KEY,

@@ -10,6 +10,7 @@ is computed by one pair of models and names that pair.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import metrics
-from service.backends.base import FeatureBackend, PreparedModel
-from service.batcher import BatchingOptions, DynamicBatcher
-from service.classifier import Classifier
-from service.domain import (
+from matcher import metrics
+from matcher.backends.base import FeatureBackend, PreparedModel
+from matcher.batcher import BatchingOptions, DynamicBatcher
+from matcher.classifier import Classifier
+from matcher.domain import (
     BackboneInfo,
     EmbedResult,
     LabelScore,
@@ -29,8 +30,8 @@ from service.domain import (
     ModelDescription,
     ModelIdentity,
 )
-from service.errors import ModelLoadError, NotReadyError
-from service.images import ImageLimits, inspect_image, load_image_readers
+from matcher.errors import ModelLoadError, NotReadyError
+from matcher.images import ImageLimits, inspect_image, load_image_readers
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,14 @@ class MatcherCore:
                 self._backend.activate(backbone)
             self._pair = (self._backend.info, new_classifier)
 
+    async def close(self) -> None:
+        """Stop the batcher, then release the backend's connections (at server stop)."""
+        await self.batcher.close()
+        await asyncio.to_thread(self._backend.close)
+
     def check_backend(self) -> None:
         """Raise BackendUnavailableError when the feature backend cannot be reached (blocking)."""
         self._backend.check()
-
-    @property
-    def ready(self) -> bool:
-        return self._pair is not None and self._backend.ready
 
     async def match(self, image: bytes, top_k: int) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels."""
@@ -184,4 +186,4 @@ def _ranked(labels: list[str], probabilities: np.ndarray, top_k: int) -> list[La
     order = np.argsort(-probabilities, kind="stable")
     if top_k:
         order = order[:top_k]
-    return [LabelScore(labels[i], float(np.clip(probabilities[i], 0.0, 1.0))) for i in order]
+    return [LabelScore(labels[i], float(probabilities[i])) for i in order]

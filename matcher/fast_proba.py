@@ -85,6 +85,7 @@ def _decision_function(model: Any) -> Callable[[np.ndarray], np.ndarray] | None:
         ovo = x @ coef.T + intercept
         votes = (ovo >= 0) @ to_first + (ovo < 0) @ to_second
         confidence = ovo @ (to_first - to_second)
-        return votes + confidence / (3 * (np.abs(confidence) + 1))
+        result: np.ndarray = votes + confidence / (3 * (np.abs(confidence) + 1))
+        return result
 
     return one_vs_rest

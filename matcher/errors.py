@@ -15,10 +15,6 @@ class InvalidImageError(MatcherError):
     """The request's image is empty, not an image, unsupported, or outside the size limits."""
 
 
-class InvalidRequestError(MatcherError):
-    """A request argument other than the image is out of range."""
-
-
 class NotReadyError(MatcherError):
     """The models are not loaded yet (or failed to load)."""
 

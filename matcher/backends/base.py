@@ -1,4 +1,8 @@
-"""The small contract every feature backend fulfils."""
+"""The small contracts of feature backends: an extractor, and a backend the server serves from.
+
+Two protocols, so that each implementation claims only what it does: `train.hog.HogBackend` is
+an extractor; the embedded and TF Serving backends are full backends (mypy checks both).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.domain import BackboneInfo
+from matcher.domain import BackboneInfo
 
 
 @dataclass(frozen=True)
@@ -20,21 +24,18 @@ class PreparedModel:
     handle: Any = None
 
 
-class FeatureBackend(Protocol):
-    """Turns a batch of encoded images into bottleneck features.
+class FeatureExtractor(Protocol):
+    """Turns a batch of encoded images into feature vectors: what extraction and training use.
 
     `load` and `features` block (TensorFlow or network calls); callers on an event loop run
     them in a worker thread.
     """
 
-    #: "embedded" or "tfserving".
+    #: "embedded", "tfserving", or another extractor's name ("hog").
     kind: str
 
     def load(self) -> None:
         """Load or connect to the model; raises ModelLoadError when that is impossible."""
-
-    def check(self) -> None:
-        """Raise BackendUnavailableError when the loaded model cannot be reached now."""
 
     @property
     def ready(self) -> bool:
@@ -51,6 +52,13 @@ class FeatureBackend(Protocol):
         when the model cannot be reached.
         """
 
+
+class FeatureBackend(FeatureExtractor, Protocol):
+    """An extractor the server can serve from: health checks, hot reload, a clean stop."""
+
+    def check(self) -> None:
+        """Raise BackendUnavailableError when the loaded model cannot be reached now."""
+
     def candidate(self) -> Hashable | None:
         """A key naming the model that should be served now, or None when it is served already.
 
@@ -66,3 +74,6 @@ class FeatureBackend(Protocol):
 
     def activate(self, prepared: PreparedModel) -> None:
         """Serve `prepared` from the next `features` call on (cheap)."""
+
+    def close(self) -> None:
+        """Release connections and threads (at server stop); the backend is not used again."""

@@ -80,21 +80,12 @@ class SearchPlan:
         return asdict(self)
 
 
-def param_grid() -> list[dict[str, list]]:
-    """Linear C in {1, 10, 100, 1000}; RBF C x gamma in {1e-2, 1e-3, 1e-4, 1e-5}."""
+def param_grid() -> list[dict[str, list[Any]]]:
+    """The SVC grid: linear C in {1, 10, 100, 1000}; RBF C x gamma in {1e-2, ..., 1e-5}."""
     return [
-        {"estimator__kernel": ["linear"], "estimator__C": list(C_VALUES)},
-        {
-            "estimator__kernel": ["rbf"],
-            "estimator__C": list(C_VALUES),
-            "estimator__gamma": list(GAMMA_VALUES),
-        },
+        {"kernel": ["linear"], "C": list(C_VALUES)},
+        {"kernel": ["rbf"], "C": list(C_VALUES), "gamma": list(GAMMA_VALUES)},
     ]
-
-
-def svc_grid() -> list[dict[str, list]]:
-    """`param_grid()` for a bare SVC (no `estimator__` prefix)."""
-    return [{k.removeprefix("estimator__"): v for k, v in part.items()} for part in param_grid()]
 
 
 def cv_folds(labels: Sequence[str], wanted: int) -> int:
@@ -192,7 +183,7 @@ class SvmSearch:
 
     @property
     def best_params_(self) -> dict[str, Any]:
-        return self.cv.best_params_
+        return dict(self.cv.best_params_)
 
     @property
     def best_score_(self) -> float:
@@ -200,17 +191,17 @@ class SvmSearch:
 
     @property
     def cv_results_(self) -> dict[str, Any]:
-        return self.cv.cv_results_
+        return dict(self.cv.cv_results_)
 
     @property
     def n_splits_(self) -> int:
         return int(self.cv.n_splits_)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return self.best_estimator_.predict(features)
+        return np.asarray(self.best_estimator_.predict(features))
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return self.best_estimator_.predict_proba(features)
+        return np.asarray(self.best_estimator_.predict_proba(features))
 
 
 def grid_search(
@@ -243,7 +234,7 @@ def grid_search(
     )
     cv = GridSearchCV(
         SVC(cache_size=CACHE_MB),
-        svc_grid(),
+        param_grid(),
         cv=StratifiedKFold(n_splits=plan.folds, shuffle=True, random_state=seed),
         n_jobs=jobs,
         refit=False,  # the refit is on every sample, below, not on the searched subsample
@@ -257,5 +248,5 @@ def grid_search(
 
 
 def best_params(search: SvmSearch | GridSearchCV) -> dict[str, object]:
-    """The winning SVC parameters without the `estimator__` prefix."""
-    return {k.removeprefix("estimator__"): v for k, v in search.best_params_.items()}
+    """The winning SVC parameters."""
+    return dict(search.best_params_)

@@ -10,18 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from export.layout import (
+from integrity.manifest import IntegrityError, verify
+from matcher.backends.base import PreparedModel
+from matcher.backends.tf_messages import invalid_argument_error
+from matcher.domain import BackboneInfo
+from matcher.errors import ModelLoadError, NotReadyError
+from matcher.layout import (
     INPUT_KEY,
     OUTPUT_KEY,
     SIGNATURE,
     read_model_info,
     resolve_version,
 )
-from integrity.manifest import IntegrityError, verify
-from service.backends.base import PreparedModel
-from service.backends.tf_messages import decoder_reason
-from service.domain import BackboneInfo
-from service.errors import InvalidImageError, ModelLoadError, NotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class EmbeddedBackend:
     def check(self) -> None:
         """In-process: once loaded, the model is always there."""
 
+    def close(self) -> None:
+        """Nothing to release: the model goes with the process."""
+
     @property
     def ready(self) -> bool:
         return self._served is not None
@@ -106,11 +109,9 @@ class EmbeddedBackend:
         try:
             outputs = served.handle(**{INPUT_KEY: tf.constant(list(images), dtype=tf.string)})
         except tf.errors.InvalidArgumentError as exc:
-            # The in-graph decoder refused an image (corrupt or truncated data).
-            raise InvalidImageError(
-                f"image could not be decoded: {decoder_reason(exc.message)}"
-            ) from exc
-        return outputs[OUTPUT_KEY].numpy()
+            # Usually the in-graph decoder refusing an image (corrupt or truncated data).
+            raise invalid_argument_error(exc.message, f"SavedModel {served.info.name}") from exc
+        return np.asarray(outputs[OUTPUT_KEY].numpy(), dtype=np.float32)
 
 
 def verify_version(path: Path) -> None:

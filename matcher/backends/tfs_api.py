@@ -6,7 +6,7 @@
 bytes from the files as text (never importing them), builds the messages in a private
 descriptor pool, and calls the RPCs by their method paths. The wire format is identical.
 
-The descriptors can also be written to a file once (`python -m service.backends.tfs_api OUT`),
+The descriptors can also be written to a file once (`python -m matcher.backends.tfs_api OUT`),
 so a container needs neither TensorFlow nor tensorflow-serving-api at run time.
 """
 
@@ -49,7 +49,9 @@ def _embedded_descriptor(module_file: Path) -> bytes:
             and isinstance(node.func, ast.Attribute)
             and node.func.attr == "AddSerializedFile"
         ):
-            return ast.literal_eval(node.args[0])
+            serialized = ast.literal_eval(node.args[0])
+            if isinstance(serialized, bytes):
+                return serialized
     raise DescriptorError(f"no serialized descriptor in {module_file}")
 
 
@@ -66,7 +68,7 @@ def _find_module_file(proto_name: str) -> Path:
                 return candidate
     raise DescriptorError(
         f"{relative} not found: install tensorflow-serving-api (its files are read, not "
-        "imported) or pass the descriptor file written by `python -m service.backends.tfs_api`"
+        "imported) or pass the descriptor file written by `python -m matcher.backends.tfs_api`"
     )
 
 
@@ -148,7 +150,7 @@ def load_api(descriptor_file: Path | None = None) -> TFServingApi:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.backends.tfs_api",
+        prog="python -m matcher.backends.tfs_api",
         description="Write TF Serving's API descriptors to a file, for a TensorFlow-free image.",
     )
     parser.add_argument("out", type=Path, help="FileDescriptorSet file to write")

@@ -61,8 +61,8 @@ def _lite_prefix(model: keras.Model) -> keras.layers.Layer:
 
 def _inception_prefix(model: keras.Model) -> keras.layers.Layer:
     # The stem convolution's activation: Keras numbers unnamed layers per process, so it is
-    # found by position, as export.inception.stage_layers does. Its next convolution sums 288
-    # terms; the ImageNet weights are not available offline, so this was not measured.
+    # found by position, as matcher.backbones.inception.stage_layers does. Its next convolution
+    # sums 288 terms; the ImageNet weights are not available offline, so this was not measured.
     return next(layer for layer in model.layers if isinstance(layer, keras.layers.Activation))
 
 
@@ -73,7 +73,7 @@ FLOAT32_PREFIX: dict[str, PrefixEnd] = {
 }
 
 
-class InferenceBatchNormalization(keras.layers.BatchNormalization):
+class InferenceBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     """BatchNormalization whose inference is TensorFlow's FusedBatchNormV3 in the layer's dtype.
 
     Keras' layer casts bfloat16 inputs to float32, normalises with four element-wise ops and

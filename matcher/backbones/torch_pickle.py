@@ -228,7 +228,7 @@ def _check_header(f: IO[bytes]) -> None:
         raise CheckpointFormatError(f"only little-endian files are supported, sysinfo={sysinfo!r}")
 
 
-def load_legacy_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_legacy_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load a legacy (non-zip) PyTorch ``state_dict`` file as numpy arrays, without torch.
 
     Args:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from service.errors import InvalidImageError
-from service.gif_frames import GifStructureError, largest_frame
+from matcher.errors import InvalidImageError
+from matcher.gif_frames import GifStructureError, largest_frame
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.torch_pickle import load_legacy_state_dict
+from matcher.backbones.torch_pickle import load_legacy_state_dict
 
 __all__ = [
     "FEATURE_DIM",

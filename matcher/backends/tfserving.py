@@ -18,22 +18,21 @@ from typing import Any
 import grpc
 import numpy as np
 
-from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
-from service.backends import tfs_api
-from service.backends.base import PreparedModel
-from service.backends.tf_messages import decoder_reason, is_decode_error
-from service.backends.tfserving_protos import (
+from matcher.backends import tfs_api
+from matcher.backends.base import PreparedModel
+from matcher.backends.tf_messages import invalid_argument_error
+from matcher.backends.tfserving_protos import (
     features_from_response,
     predict_request,
     set_model_spec,
 )
-from service.domain import BackboneInfo
-from service.errors import (
+from matcher.domain import BackboneInfo
+from matcher.errors import (
     BackendUnavailableError,
-    InvalidImageError,
     ModelLoadError,
     NotReadyError,
 )
+from matcher.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ class TFServingBackend:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, rpc: grpc.UnaryUnaryMultiCallable, request: Any, method: str) -> Any:
+    def _call(self, rpc: grpc.UnaryUnaryMultiCallable[Any, Any], request: Any, method: str) -> Any:
         """One RPC with the configured deadline, its failure mapped to a core error."""
         try:
             return rpc(request, timeout=self._options.timeout_s)
@@ -201,9 +200,8 @@ class TFServingBackend:
         if code in UNREACHABLE:
             return BackendUnavailableError(f"{where}: {code.name}")
         details = exc.details() or ""
-        decoder_refused = code == grpc.StatusCode.INVALID_ARGUMENT and is_decode_error(details)
-        if method == "Predict" and decoder_refused:
-            return InvalidImageError(f"image could not be decoded: {decoder_reason(details)}")
+        if method == "Predict" and code == grpc.StatusCode.INVALID_ARGUMENT:
+            return invalid_argument_error(details, where)
         # The model went away (NOT_FOUND) or no longer fits (a wrong key or dtype): this
         # matcher cannot answer until the deployment is fixed.
         return ModelLoadError(f"{where}: {code.name}: {_first_line(details)}")
@@ -224,7 +222,7 @@ class TFServingBackend:
                 f"model {options.model_name!r} has no AVAILABLE version in TF Serving "
                 f"{options.target} (states {states})"
             )
-        return max(available)
+        return int(max(available))
 
     def _signature_info(self, version: int) -> BackboneInfo:
         options = self._options
@@ -261,7 +259,7 @@ def _check_signature(signatures: Any, model_name: str, name: str) -> int:
             f"signature {name!r} of {model_name!r} does not return {OUTPUT_KEY!r} as float "
             f"[N, D] (outputs {sorted(signature.outputs)}, shape {dims})"
         )
-    return dims[1]
+    return int(dims[1])
 
 
 def _first_line(text: str | None) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from export.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
-from service.backends.tfs_api import DT_FLOAT, DT_STRING, TFServingApi
+from matcher.backends.tfs_api import DT_FLOAT, DT_STRING, TFServingApi
+from matcher.layout import INPUT_KEY, OUTPUT_KEY, SIGNATURE
 
 
 def predict_request(

@@ -96,7 +96,7 @@ def start_endpoint(host: str, port: int) -> MetricsEndpoint | None:
     if port < 0:
         return None
     # The `_created` series would double what is scraped, and nothing here reads them.
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped
     try:
         server, thread = prometheus_client.start_http_server(port, host)
     except OSError as exc:

@@ -1,6 +1,9 @@
-"""TensorFlow Serving's on-disk layout, `<base>/<model_name>/<version>/`, and our metadata in it.
+"""Where every artefact lives, and the name of every file in it: one home for each.
 
-Kept free of TensorFlow so that the serving process can read it cheaply.
+Two folders: a backbone in TensorFlow Serving's layout, `<base>/<model_name>/<version>/` with
+our metadata in it (written by `export`); and a classifier run folder (written by `train`): the
+classifier, its report, the features it was trained on and the manifest over them all. Kept free
+of TensorFlow so that the serving process can read it cheaply.
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from integrity.manifest import MANIFEST_FILE
 
 SIGNATURE = "serving_default"
 #: A second signature: encoded images -> the feature maps of four stages (`stage1`..`stage4`).
@@ -18,6 +23,38 @@ OUTPUT_KEY = "features"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 #: Our description of the exported backbone; TF Serving ignores it.
 MODEL_INFO_FILE = "assets.extra/matcher_model.json"
+
+# --- a classifier run folder ---
+#: Classifier file per format. skops rebuilds the estimator without running code from the
+#: file; joblib is a pickle (runs code when loaded), kept for files and tools that expect it.
+CLASSIFIER_FILES = {"skops": "classifier.skops", "joblib": "classifier.joblib"}
+DEFAULT_FORMAT = "skops"
+#: The training report `train` writes beside the classifier.
+REPORT_FILE = "report.json"
+#: Every image's features, label, path and split, for the report's pictures.
+FEATURES_FILE = "features.npz"
+#: Files beside the classifier whose change means a new classifier is being put in place
+#: (`integrity.manifest` names the manifest; it is re-exported here with the others).
+COMPANION_FILES = (MANIFEST_FILE, REPORT_FILE)
+
+__all__ = [
+    "CLASSIFIER_FILES",
+    "COMPANION_FILES",
+    "DEFAULT_FORMAT",
+    "FEATURES_FILE",
+    "FEATURE_MAPS_SIGNATURE",
+    "INPUT_KEY",
+    "MANIFEST_FILE",
+    "MODEL_INFO_FILE",
+    "OUTPUT_KEY",
+    "REPORT_FILE",
+    "SIGNATURE",
+    "WARMUP_FILE",
+    "ExportedModelInfo",
+    "read_model_info",
+    "resolve_version",
+    "versions",
+]
 
 
 @dataclass(frozen=True)

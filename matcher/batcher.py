@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service import metrics
-from service.errors import InvalidImageError, OverloadedError
+from matcher import metrics
+from matcher.errors import InvalidImageError, OverloadedError
+from matcher.isolate import answer_each
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +134,18 @@ class DynamicBatcher:
         self.batch_sizes.append(len(batch))
         metrics.BATCH_SIZE.observe(len(batch))
         try:
-            rows = await asyncio.to_thread(self._run_batch, [p.image for p in batch])
-            if len(rows) != len(batch):
-                raise RuntimeError(f"{len(rows)} answers for a batch of {len(batch)}")
-        except InvalidImageError as exc:
-            if len(batch) == 1:
-                _fail(batch, exc)
-                return
-            # One undecodable image fails the whole call: answer each image on its own.
-            for pending in batch:
-                if not pending.future.done():  # callers who gave up need no model call
-                    await self._run([pending])
-            return
+            # One undecodable image fails the whole call; answer_each finds it by halving, and
+            # its caller alone hears why.
+            rows = await asyncio.to_thread(answer_each, self._run_batch, [p.image for p in batch])
         except Exception as exc:  # every waiter hears what went wrong
             _fail(batch, exc)
             return
-        for pending, row in zip(batch, rows, strict=True):  # lengths checked above
-            if not pending.future.done():
+        for pending, row in zip(batch, rows, strict=True):  # answer_each checks the count
+            if pending.future.done():
+                continue
+            if isinstance(row, InvalidImageError):
+                pending.future.set_exception(row)
+            else:
                 pending.future.set_result(row)
 
 

@@ -27,20 +27,23 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar, cast
 
 import numpy as np
 from tqdm import tqdm
 
-from service.backends.base import FeatureBackend
-from service.errors import InvalidImageError
-from service.images import ImageLimits, inspect_image
+from matcher.backends.base import FeatureExtractor
+from matcher.errors import InvalidImageError
+from matcher.images import ImageLimits, inspect_image
+from matcher.isolate import answer_each
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Batches read ahead of the one the model is running on. Two keep the model fed when reading
 #: a batch takes up to twice as long as running it, at the cost of two batches of bytes in RAM.
@@ -65,7 +68,7 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            return np.load(path)
+            return np.asarray(np.load(path))
         except (OSError, ValueError) as exc:
             # Entries are written atomically, so this is damage from outside: recompute.
             log.warning("ignoring unreadable cache entry %s: %s", path, exc)
@@ -109,7 +112,7 @@ def kept_mask_path(out: Path) -> Path:
 
 def extract_features(
     paths: Sequence[Path],
-    backend: FeatureBackend,
+    backend: FeatureExtractor,
     cache: FeatureCache | None,
     batch_size: int = 32,
     limits: ImageLimits | None = None,
@@ -182,7 +185,7 @@ def _scan(
     limits: ImageLimits,
     pool: ThreadPoolExecutor,
     window: int,
-) -> Iterator[_Scanned]:
+) -> Generator[_Scanned, None, None]:
     """Every file scanned by the pool, in input order, at most `window` files ahead."""
     ahead: deque[Future[_Scanned]] = deque()
     try:
@@ -197,7 +200,7 @@ def _scan(
             future.cancel()
 
 
-def _batches(scanned: Iterable[_Scanned], batch_size: int) -> Iterator[list[_Scanned]]:
+def _batches(scanned: Iterable[_Scanned], batch_size: int) -> Generator[list[_Scanned], None, None]:
     """Consecutive runs of scanned files holding `batch_size` to compute (fewer at the end).
 
     A run also closes after `batch_size` files that need no model call (cached or rejected),
@@ -225,17 +228,17 @@ class _Failed:
 _DONE = object()
 
 
-class _Prefetch:
-    """Runs an iterator in a thread, up to `depth` items ahead of the consumer."""
+class _Prefetch(Generic[T]):
+    """Runs a generator in a thread, up to `depth` items ahead of the consumer."""
 
-    def __init__(self, source: Iterator, depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, source: Generator[T, None, None], depth: int) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._fill, args=(source,), name="features-prefetch", daemon=True
         )
 
-    def __enter__(self) -> Iterator:
+    def __enter__(self) -> Iterator[T]:
         self._thread.start()
         return self._drain()
 
@@ -246,13 +249,13 @@ class _Prefetch:
                 self._queue.get_nowait()
         self._thread.join()
 
-    def _drain(self) -> Iterator:
+    def _drain(self) -> Iterator[T]:
         while (item := self._queue.get()) is not _DONE:
             if isinstance(item, _Failed):
                 raise item.error
-            yield item
+            yield cast(T, item)
 
-    def _fill(self, source: Iterator) -> None:
+    def _fill(self, source: Generator[T, None, None]) -> None:
         # Closed here, in the thread that runs it: closing stops the readers' look-ahead.
         with contextlib.closing(source):
             try:
@@ -321,7 +324,8 @@ class _Sink:
         mask[kept] = True
         np.save(kept_mask_path(self._out), mask)
         os.replace(self._partial, self._out)
-        return np.load(self._out, mmap_mode="r")
+        mapped: np.ndarray = np.load(self._out, mmap_mode="r")
+        return mapped
 
     def abort(self) -> None:
         if self._file is not None:
@@ -354,7 +358,7 @@ class _Run:
     def __init__(
         self,
         paths: Sequence[Path],
-        backend: FeatureBackend,
+        backend: FeatureExtractor,
         cache: FeatureCache | None,
         sink: _Sink,
     ) -> None:
@@ -369,9 +373,16 @@ class _Run:
 
     def consume(self, batch: list[_Scanned], pool: ThreadPoolExecutor) -> None:
         """Run the model on the batch's new images and append its kept rows to the sink."""
-        ok, features, failed = _infer(self.backend, [i for i in batch if i.data is not None])
-        computed = dict(zip((item.index for item in ok), features, strict=True))
-        failures = {item.index: why for item, why in failed}
+        new = [item for item in batch if item.data is not None]
+        answers = answer_each(self.backend.features, [item.data or b"" for item in new])
+        computed: dict[int, np.ndarray] = {}
+        failures: dict[int, str] = {}
+        for item, answer in zip(new, answers, strict=True):
+            if isinstance(answer, InvalidImageError):
+                failures[item.index] = str(answer)
+            else:
+                computed[item.index] = answer
+        ok = [item for item in new if item.index in computed]
         rows = []
         for item in batch:
             row = item.row if item.row is not None else computed.get(item.index)
@@ -386,6 +397,7 @@ class _Run:
         if self.cache is not None and ok:
             # Written by a reader thread, off the model's path.
             digests = [item.digest for item in ok]
+            features = np.stack([computed[item.index] for item in ok])
             self._writes.append(pool.submit(self.cache.put_many, digests, features))
         while self._writes and self._writes[0].done():
             self._writes.popleft().result()  # raise a failed write now
@@ -393,26 +405,3 @@ class _Run:
     def wait_for_cache_writes(self) -> None:
         while self._writes:
             self._writes.popleft().result()
-
-
-def _infer(
-    backend: FeatureBackend, items: list[_Scanned]
-) -> tuple[list[_Scanned], np.ndarray, list[tuple[_Scanned, str]]]:
-    """(decoded items, their features, (undecodable item, why) pairs) for one batch."""
-    dim = backend.info.feature_dim
-    if not items:
-        return [], np.zeros((0, dim), np.float32), []
-    try:
-        return items, backend.features([item.data for item in items]), []
-    except InvalidImageError as exc:
-        if len(items) == 1:
-            return [], np.zeros((0, dim), np.float32), [(items[0], str(exc))]
-    # One bad file fails its whole batch: halve until it is alone, so a single bad file costs
-    # about 2 log2(batch_size) extra calls rather than one call per image.
-    middle = len(items) // 2
-    first, second = _infer(backend, items[:middle]), _infer(backend, items[middle:])
-    return (
-        first[0] + second[0],
-        np.concatenate([first[1], second[1]]),
-        first[2] + second[2],
-    )

@@ -22,16 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from service import metrics
-from service.backends.base import PreparedModel
-from service.classifier import Classifier
-from service.core import MatcherCore
-from service.errors import BackendUnavailableError, MatcherError
+from matcher import metrics
+from matcher.backends.base import PreparedModel
+from matcher.classifier import Classifier
+from matcher.core import MatcherCore
+from matcher.errors import BackendUnavailableError, MatcherError
+from matcher.layout import COMPANION_FILES
 
 log = logging.getLogger(__name__)
 
-#: Files beside the classifier whose change means a new classifier is being put in place.
-COMPANION_FILES = ("manifest.json", "report.json")
 
 T = TypeVar("T")
 
@@ -185,7 +184,7 @@ class ModelWatcher:
         paths = [self._classifier_path] + [
             self._classifier_path.parent / name for name in COMPANION_FILES
         ]
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for path in paths:
             try:
                 st = path.stat()

@@ -9,9 +9,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from export import efficientnet_lite, inception
-from export.precision import FP32, PRECISIONS, float32_layers, to_bfloat16
-from export.torch_pickle import load_legacy_state_dict
+from matcher.backbones import efficientnet_lite, inception
+from matcher.backbones.precision import FP32, PRECISIONS, float32_layers, to_bfloat16
+from matcher.backbones.torch_pickle import load_legacy_state_dict
 
 
 class ExportError(RuntimeError):
@@ -38,8 +38,8 @@ class Backbone:
     stages: keras.Model | None = None
     #: A name for each stage, recorded in the metadata.
     stage_names: tuple[str, ...] = ()
-    #: "fp32", or "bf16": the model computes in bfloat16 (see export.precision), recorded in
-    #: the metadata. Its input and features are float32 either way.
+    #: "fp32", or "bf16": the model computes in bfloat16 (see matcher.backbones.precision),
+    #: recorded in the metadata. Its input and features are float32 either way.
     precision: str = FP32
 
 
@@ -53,6 +53,7 @@ def build_backbone(
     weights: str = "imagenet",
     layer: str | None = None,
     precision: str = "fp32",
+    seed: int | None = None,
 ) -> Backbone:
     """Build a backbone by name.
 
@@ -61,9 +62,14 @@ def build_backbone(
     `layer`: the layer whose output is average-pooled into the features; the last by default
     (e.g. Inception's `mixed7` gives mid-level 768-d features).
     `precision`: "fp32" (the default), or "bf16" to compute in bfloat16 on CPUs that have it,
-    with float32 weights, input and features (see export.precision). The global Keras dtype
-    policy is left as it was.
+    with float32 weights, input and features (see matcher.backbones.precision). The global
+    Keras dtype policy is left as it was.
+    `seed`: seeds Keras' random initialisation (and Python's and numpy's, which Keras seeds
+    with it), so that two builds with random weights get the same weights, in two processes
+    too; None leaves the random state alone.
     """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if name in efficientnet_lite.VARIANTS:

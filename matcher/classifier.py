@@ -34,13 +34,12 @@ from integrity.manifest import (
     how_to_create,
     verify,
 )
-from service.errors import ModelLoadError
-from service.fast_proba import compile_probabilities
+from matcher.errors import ModelLoadError
+from matcher.fast_proba import compile_probabilities
+from matcher.layout import REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-#: The training report `train` writes beside the classifier file.
-REPORT_FILE = "report.json"
 SKOPS_SUFFIX = ".skops"
 JOBLIB_SUFFIXES = (".joblib", ".pkl", ".pickle")
 #: Types a classifier file may hold beyond what skops trusts by default: the internals of
@@ -51,7 +50,7 @@ SKOPS_ALLOWED_TYPES = (
     "sklearn.calibration._SigmoidCalibration",
 )
 
-__all__ = ["REPORT_FILE", "Classifier", "ClassifierInfo", "file_sha256", "read_report"]
+__all__ = ["Classifier", "ClassifierInfo", "file_sha256", "read_report"]
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,11 @@ class Classifier:
         return self.info.labels
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """float [N, n_labels] probabilities, columns in `labels` order."""
+        """float [N, n_labels] probabilities in [0, 1], columns in `labels` order.
+
+        Both paths end as scikit-learn's predict_proba does, rounding noise just above 1 down
+        to 1 (`fast_proba` repeats that step), so callers need not clip.
+        """
         if self._fast is not None:
             return self._fast(features)
         return np.asarray(self._estimator.predict_proba(features), dtype=np.float64)
