@@ -29,11 +29,13 @@ import numpy as np
 from integrity.manifest import (
     MANIFEST_FILE,
     IntegrityError,
+    Manifest,
     ManifestMissingError,
     file_sha256,
     how_to_create,
     verify,
 )
+from matcher.catalogue import Catalogue, load_catalogue
 from matcher.errors import ModelLoadError
 from matcher.fast_proba import compile_probabilities
 from matcher.layout import REPORT_FILE
@@ -80,9 +82,23 @@ def read_report(classifier_path: Path) -> dict[str, Any] | None:
 class Classifier:
     """Ranks labels from feature vectors."""
 
-    def __init__(self, estimator: Any, info: ClassifierInfo) -> None:
+    def __init__(
+        self, estimator: Any, info: ClassifierInfo, catalogue: Catalogue | None = None
+    ) -> None:
         self._estimator = estimator
         self.info = info
+        #: The index, thumbnails and no-match threshold of the run folder (None: no index).
+        self.catalogue = catalogue
+        if catalogue is not None and catalogue.index.labels != info.labels:
+            raise ModelLoadError(
+                f"the index beside the classifier holds labels {catalogue.index.labels[:5]}..., "
+                f"the classifier {info.labels[:5]}...: they come from different trainings"
+            )
+        if catalogue is not None and catalogue.index.dim != info.feature_dim:
+            raise ModelLoadError(
+                f"the index beside the classifier holds {catalogue.index.dim} features per view, "
+                f"the classifier expects {info.feature_dim}"
+            )
         # scikit-learn's own predict_proba costs milliseconds of input checks per call.
         self._fast = compile_probabilities(estimator)
 
@@ -99,17 +115,22 @@ class Classifier:
         # Read once: the bytes whose digest is checked are the bytes loaded.
         data = path.read_bytes()
         actual = hashlib.sha256(data).hexdigest()
+        catalogue = None
         if expected_sha256:
             if actual != expected_sha256.lower():
                 raise ModelLoadError(
                     f"classifier {path} has sha256 {actual}, but --classifier-sha256 is "
                     f"{expected_sha256}; refusing to load"
                 )
+            # The digest vouches for the classifier file alone: no index is read beside it.
             report = read_report(path)
         else:
-            report = _verify_with_manifest(path, actual)
+            manifest = _verify_with_manifest(path, actual)
+            # report.json feeds GetModelInfo and the checks: read it when it is covered.
+            report = read_report(path) if REPORT_FILE in manifest.files else None
+            catalogue = load_catalogue(path.parent, manifest, report)
         estimator = reader(path, data)
-        return cls(estimator, _describe(estimator, actual, report))
+        return cls(estimator, _describe(estimator, actual, report), catalogue)
 
     @property
     def labels(self) -> list[str]:
@@ -126,8 +147,8 @@ class Classifier:
         return np.asarray(self._estimator.predict_proba(features), dtype=np.float64)
 
 
-def _verify_with_manifest(path: Path, actual: str) -> dict[str, Any] | None:
-    """Check the folder against its manifest; return the report if the manifest covers it."""
+def _verify_with_manifest(path: Path, actual: str) -> Manifest:
+    """Check the folder against its manifest, which must list the classifier with `actual`."""
     folder = path.parent
     try:
         manifest = verify(folder, "classifier")
@@ -150,8 +171,7 @@ def _verify_with_manifest(path: Path, actual: str) -> dict[str, Any] | None:
             f"classifier {path} has sha256 {actual} but {MANIFEST_FILE} records "
             f"{entry.sha256}; refusing to load"
         )
-    # report.json only feeds GetModelInfo and the backbone check: read it when it is covered.
-    return read_report(path) if REPORT_FILE in manifest.files else None
+    return manifest
 
 
 def _reader_for(path: Path) -> Callable[[Path, bytes], Any]:

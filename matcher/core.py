@@ -29,8 +29,10 @@ from matcher.domain import (
     MatchResult,
     ModelDescription,
     ModelIdentity,
+    Reference,
+    Verdict,
 )
-from matcher.errors import ModelLoadError, NotReadyError
+from matcher.errors import InvalidRequestError, ModelLoadError, NotReadyError
 from matcher.images import ImageLimits, inspect_image, load_image_readers
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ class _Answer:
     probabilities: np.ndarray
     labels: list[str]
     model: ModelIdentity
+    #: Each label's most similar reference view and its similarity (None without an index).
+    nearest: tuple[np.ndarray, list[str]] | None
+    #: The catalogue's calibrated no-match threshold (None without one).
+    threshold: float | None
 
 
 class MatcherCore:
@@ -55,8 +61,11 @@ class MatcherCore:
         load_classifier: Callable[[], Classifier],
         limits: ImageLimits,
         batching: BatchingOptions | None = None,
+        no_match_threshold: float | None = None,
     ) -> None:
         self._backend = backend
+        #: The server's threshold, over the calibrated one (None: use the calibrated one).
+        self._no_match_threshold = no_match_threshold
         self._load_classifier = load_classifier
         self._limits = limits
         # Held for each batch and for each swap, so a swap waits for the batch in flight.
@@ -105,11 +114,38 @@ class MatcherCore:
         """Raise BackendUnavailableError when the feature backend cannot be reached (blocking)."""
         self._backend.check()
 
-    async def match(self, image: bytes, top_k: int) -> MatchResult:
-        """Rank the labels for one image; top_k == 0 means all labels."""
+    async def match(
+        self, image: bytes, top_k: int, no_match_threshold: float | None = None
+    ) -> MatchResult:
+        """Rank the labels for one image; top_k == 0 means all labels.
+
+        With an index, each label comes with its nearest reference view, and the verdict says
+        whether the nearest view of all reaches the threshold: `no_match_threshold`, else the
+        server's, else the one calibrated at training.
+        """
+        if no_match_threshold is not None and not -1.0 <= no_match_threshold <= 1.0:
+            raise InvalidRequestError(
+                f"no_match_threshold {no_match_threshold} is not a similarity in [-1, 1]"
+            )
         self._served_pair()  # not loaded yet: say so before any work
         answer = await self._answer(image)
-        return MatchResult(_ranked(answer.labels, answer.probabilities, top_k), answer.model)
+        ranked = _ranked(answer, top_k)
+        threshold = _first_set(no_match_threshold, self._no_match_threshold, answer.threshold)
+        verdict = None
+        if answer.nearest is not None and threshold is not None:
+            score = float(answer.nearest[0].max())
+            verdict = Verdict(score >= threshold, score, threshold)
+        return MatchResult(ranked, answer.model, verdict)
+
+    async def reference(self, reference_id: str) -> Reference:
+        """A reference view's thumbnail (blocking file read, done in a worker thread)."""
+        _, classifier = self._served_pair()
+        if classifier.catalogue is None:
+            raise NotReadyError(
+                "the classifier came without an index, so there are no reference views; train "
+                "again to write one (or load it through its manifest, not --classifier-sha256)"
+            )
+        return await asyncio.to_thread(classifier.catalogue.reference, reference_id)
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image."""
@@ -125,6 +161,7 @@ class MatcherCore:
     def describe(self) -> ModelDescription:
         backbone, classifier = self._served_pair()
         info = classifier.info
+        catalogue = classifier.catalogue
         return ModelDescription(
             labels=list(info.labels),
             backbone=backbone,
@@ -133,6 +170,10 @@ class MatcherCore:
             holdout_accuracy=info.holdout_accuracy,
             model=ModelIdentity(backbone.name, backbone.version, info.sha256),
             feature_backend=self._backend.kind,
+            reference_views=catalogue.index.size if catalogue else 0,
+            no_match_threshold=_first_set(
+                self._no_match_threshold, catalogue.threshold if catalogue else None
+            ),
         )
 
     def _served_pair(self) -> tuple[BackboneInfo, Classifier]:
@@ -162,8 +203,20 @@ class MatcherCore:
             probabilities = classifier.probabilities(features)
         model = ModelIdentity(backbone.name, backbone.version, classifier.info.sha256)
         labels = classifier.labels
+        catalogue = classifier.catalogue
+        if catalogue is None:
+            return [
+                _Answer(row, p, labels, model, None, None)
+                for row, p in zip(features, probabilities, strict=True)
+            ]
+        # Index labels equal the classifier's (checked at load), so columns line up.
+        found = catalogue.index.search(features)
+        ids = catalogue.index.ids
         return [
-            _Answer(row, p, labels, model) for row, p in zip(features, probabilities, strict=True)
+            _Answer(row, p, labels, model, (similar, [ids[r] for r in rows]), catalogue.threshold)
+            for row, p, similar, rows in zip(
+                features, probabilities, found.similarity, found.row, strict=True
+            )
         ]
 
 
@@ -181,9 +234,19 @@ def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
         )
 
 
-def _ranked(labels: list[str], probabilities: np.ndarray, top_k: int) -> list[LabelScore]:
+def _ranked(answer: _Answer, top_k: int) -> list[LabelScore]:
     # Stable sort so that equal scores keep the classifier's label order.
-    order = np.argsort(-probabilities, kind="stable")
+    order = np.argsort(-answer.probabilities, kind="stable")
     if top_k:
         order = order[:top_k]
-    return [LabelScore(labels[i], float(probabilities[i])) for i in order]
+    if answer.nearest is None:
+        return [LabelScore(answer.labels[i], float(answer.probabilities[i])) for i in order]
+    similarity, ids = answer.nearest
+    return [
+        LabelScore(answer.labels[i], float(answer.probabilities[i]), ids[i], float(similarity[i]))
+        for i in order
+    ]
+
+
+def _first_set(*values: float | None) -> float | None:
+    return next((value for value in values if value is not None), None)

@@ -1,9 +1,15 @@
-"""A labelled image folder: `DATA/<label>/<image>`, one sub-folder per catalogue label."""
+"""A labelled image folder: `DATA/<label>/<image>`, one sub-folder per catalogue label.
+
+Folders whose name starts with `_` are not labels: `DATA/_outside/` holds photos of things that
+are not in the catalogue, which training uses to set the "no match" threshold.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from matcher.layout import OUTSIDE_DIR, RESERVED_PREFIX
 
 #: File name endings read as images (case does not matter).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -30,17 +36,14 @@ class Dataset:
 
 
 def discover(root: Path) -> Dataset:
-    """Find `root/<label>/*.{jpg,jpeg,png,gif,bmp}`; hidden files and folders are skipped."""
+    """Find `root/<label>/*.{jpg,jpeg,png,gif,bmp}`; hidden files and folders are skipped, and
+    so are folders starting with `_` (`_outside/`, see `outside_images`)."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder; expected DATA/<label>/<image> files")
     paths: list[Path] = []
     labels: list[str] = []
-    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p)):
-        images = sorted(
-            p
-            for p in label_dir.iterdir()
-            if p.is_file() and not _hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _reserved(p)):
+        images = _images_in(label_dir)
         paths.extend(images)
         labels.extend([label_dir.name] * len(images))
     dataset = Dataset(root, paths, labels)
@@ -52,5 +55,36 @@ def discover(root: Path) -> Dataset:
     return dataset
 
 
-def _hidden(path: Path) -> bool:
-    return path.name.startswith(".")
+def outside_images(folder: Path) -> list[Path]:
+    """The images of an out-of-catalogue folder (any depth: sort them as you like), sorted."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder of out-of-catalogue photos")
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(_hidden(part) for part in p.relative_to(folder).parts)
+    )
+
+
+def default_outside(root: Path) -> Path | None:
+    """`root/_outside/` when the training folder has one."""
+    folder = root / OUTSIDE_DIR
+    return folder if folder.is_dir() else None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not _hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _reserved(path: Path) -> bool:
+    return _hidden(path.name) or path.name.startswith(RESERVED_PREFIX)

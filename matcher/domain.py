@@ -40,12 +40,37 @@ class BackboneInfo:
 class LabelScore:
     label: str
     score: float
+    #: The label's most similar reference view ("" without an index) and its similarity.
+    reference_id: str = ""
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the photo shows a catalogue item: `score` (the nearest view's similarity)
+    compared with `threshold`."""
+
+    matched: bool
+    score: float
+    threshold: float
 
 
 @dataclass(frozen=True)
 class MatchResult:
     matches: list[LabelScore]
     model: ModelIdentity
+    #: None when the classifier came without an index (or no threshold is known).
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference view: its thumbnail, for a person to compare a photo with."""
+
+    reference_id: str
+    label: str
+    image: bytes
+    media_type: str = "image/jpeg"
 
 
 @dataclass(frozen=True)
@@ -65,3 +90,5 @@ class ModelDescription:
     holdout_accuracy: float | None
     model: ModelIdentity
     feature_backend: str
+    reference_views: int = 0
+    no_match_threshold: float | None = None

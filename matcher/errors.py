@@ -15,6 +15,14 @@ class InvalidImageError(MatcherError):
     """The request's image is empty, not an image, unsupported, or outside the size limits."""
 
 
+class InvalidRequestError(MatcherError):
+    """A request argument other than the image is out of range."""
+
+
+class NotFoundError(MatcherError):
+    """The request names something the loaded models do not hold (a reference id)."""
+
+
 class NotReadyError(MatcherError):
     """The models are not loaded yet (or failed to load)."""
 

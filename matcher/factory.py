@@ -54,4 +54,5 @@ def make_core(settings: CoreSettings, backend: FeatureBackend | None = None) -> 
             timeout_s=settings.batch_timeout_s,
             max_queue=settings.max_queued_requests,
         ),
+        settings.no_match_threshold,
     )

@@ -33,9 +33,19 @@ DEFAULT_FORMAT = "skops"
 REPORT_FILE = "report.json"
 #: Every image's features, label, path and split, for the report's pictures.
 FEATURES_FILE = "features.npz"
+#: The catalogue index: every reference view's normalised features, label and id.
+INDEX_FILE = "index.npz"
+#: A small JPEG of every reference view, at `REFERENCES_DIR/<reference id>.jpg`.
+REFERENCES_DIR = "references"
+#: Longest side of those thumbnails, pixels.
+THUMBNAIL_SIDE = 256
+#: Folders of a training folder (DATA/<name>/) that are not labels start with this; the one
+#: named OUTSIDE_DIR holds photos of things outside the catalogue, for the no-match threshold.
+RESERVED_PREFIX = "_"
+OUTSIDE_DIR = "_outside"
 #: Files beside the classifier whose change means a new classifier is being put in place
 #: (`integrity.manifest` names the manifest; it is re-exported here with the others).
-COMPANION_FILES = (MANIFEST_FILE, REPORT_FILE)
+COMPANION_FILES = (MANIFEST_FILE, REPORT_FILE, INDEX_FILE)
 
 __all__ = [
     "CLASSIFIER_FILES",
@@ -43,16 +53,22 @@ __all__ = [
     "DEFAULT_FORMAT",
     "FEATURES_FILE",
     "FEATURE_MAPS_SIGNATURE",
+    "INDEX_FILE",
     "INPUT_KEY",
     "MANIFEST_FILE",
     "MODEL_INFO_FILE",
     "OUTPUT_KEY",
+    "OUTSIDE_DIR",
+    "REFERENCES_DIR",
     "REPORT_FILE",
+    "RESERVED_PREFIX",
     "SIGNATURE",
+    "THUMBNAIL_SIDE",
     "WARMUP_FILE",
     "ExportedModelInfo",
     "read_model_info",
     "resolve_version",
+    "thumbnail_path",
     "versions",
 ]
 
@@ -77,6 +93,11 @@ class ExportedModelInfo:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def thumbnail_path(run_dir: Path, reference_id: str) -> Path:
+    """Where the thumbnail of a reference view lives in a run folder."""
+    return run_dir / REFERENCES_DIR / f"{reference_id}.jpg"
 
 
 def versions(model_dir: Path) -> list[int]:

@@ -110,6 +110,14 @@ class CoreSettings(BackendSettings):
     min_image_side: int = Field(
         16, gt=0, description="Smallest image width or height accepted, pixels."
     )
+    no_match_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Similarity to the nearest catalogue view below which Match answers "
+        "NO_MATCH, for every request that sets none; unset uses the threshold `train` "
+        "calibrated (report.json's no_match).",
+    )
     reload_interval_s: float = Field(
         5.0,
         ge=0,

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from matcher.domain import EmbedResult, MatchResult, ModelDescription, ModelIdentity
+from matcher.domain import (
+    EmbedResult,
+    LabelScore,
+    MatchResult,
+    ModelDescription,
+    ModelIdentity,
+    Reference,
+)
 from matcher.v1 import matcher_pb2
+
+VERDICTS = {True: matcher_pb2.MATCH, False: matcher_pb2.NO_MATCH}
 
 
 def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
@@ -14,10 +23,33 @@ def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
     )
 
 
+def label_score_to_proto(match: LabelScore) -> matcher_pb2.LabelScore:
+    message = matcher_pb2.LabelScore(
+        label=match.label, score=match.score, reference_id=match.reference_id
+    )
+    if match.similarity is not None:
+        message.similarity = match.similarity
+    return message
+
+
 def match_to_proto(result: MatchResult) -> matcher_pb2.MatchResponse:
-    return matcher_pb2.MatchResponse(
-        matches=[matcher_pb2.LabelScore(label=m.label, score=m.score) for m in result.matches],
+    response = matcher_pb2.MatchResponse(
+        matches=[label_score_to_proto(m) for m in result.matches],
         model=identity_to_proto(result.model),
+    )
+    if result.verdict is not None:
+        response.verdict = VERDICTS[result.verdict.matched]
+        response.verdict_score = result.verdict.score
+        response.threshold = result.verdict.threshold
+    return response
+
+
+def reference_to_proto(reference: Reference) -> matcher_pb2.Reference:
+    return matcher_pb2.Reference(
+        reference_id=reference.reference_id,
+        label=reference.label,
+        image=reference.image,
+        media_type=reference.media_type,
     )
 
 
@@ -38,7 +70,10 @@ def description_to_proto(description: ModelDescription) -> matcher_pb2.ModelInfo
         model=identity_to_proto(description.model),
         feature_backend=description.feature_backend,
         feature_layer=description.backbone.layer,
+        reference_views=description.reference_views,
     )
     if description.holdout_accuracy is not None:
         info.holdout_accuracy = description.holdout_accuracy
+    if description.no_match_threshold is not None:
+        info.no_match_threshold = description.no_match_threshold
     return info

@@ -16,8 +16,10 @@ from matcher.core import MatcherCore
 from matcher.errors import (
     BackendUnavailableError,
     InvalidImageError,
+    InvalidRequestError,
     MatcherError,
     ModelLoadError,
+    NotFoundError,
     NotReadyError,
     OverloadedError,
 )
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[MatcherError], grpc.StatusCode] = {
     InvalidImageError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
     NotReadyError: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
@@ -76,7 +80,8 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
     async def Match(
         self, request: matcher_pb2.ImageRequest, context: Context
     ) -> matcher_pb2.MatchResponse:
-        result = await self._core.match(request.image, request.top_k)
+        threshold = request.no_match_threshold if request.HasField("no_match_threshold") else None
+        result = await self._core.match(request.image, request.top_k, threshold)
         return converters.match_to_proto(result)
 
     @_map_errors
@@ -93,3 +98,10 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
         context: Context,
     ) -> matcher_pb2.ModelInfo:
         return converters.description_to_proto(self._core.describe())
+
+    @_map_errors
+    async def GetReference(
+        self, request: matcher_pb2.GetReferenceRequest, context: Context
+    ) -> matcher_pb2.Reference:
+        reference = await self._core.reference(request.reference_id)
+        return converters.reference_to_proto(reference)

@@ -119,6 +119,15 @@ def health_stub(channel) -> health_pb2_grpc.HealthStub:
 
 
 def query_images(demo) -> list[tuple[str, Path]]:
-    """(label, path) of every held-out demo query view."""
+    """(label, path) of every held-out demo query view of a catalogue item."""
     root = demo.out / "queries"
-    return [(p.parent.name, p) for p in sorted(root.glob("*/*")) if p.is_file()]
+    return [
+        (p.parent.name, p)
+        for p in sorted(root.glob("*/*"))
+        if p.is_file() and not p.parent.name.startswith("_")
+    ]
+
+
+def outside_queries(demo) -> list[Path]:
+    """The demo's query photos of things outside the catalogue (never seen in training)."""
+    return sorted((demo.out / "queries" / "_outside").iterdir())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from matcher.dataset import discover
 from train import demo
 from train.demo import ITEMS, DemoSummary, build_demo_catalogue
 
@@ -22,7 +23,9 @@ TRAIN, QUERIES = 4, 2
 
 
 def _build(out: Path, seed: int = 0, **kwargs) -> DemoSummary:
-    options = {"train_views": TRAIN, "query_views": QUERIES, "items": LABELS} | kwargs
+    # No outside photos unless a test asks: they have a test of their own.
+    options = {"train_views": TRAIN, "query_views": QUERIES, "items": LABELS}
+    options |= {"outside_views": 0} | kwargs
     return build_demo_catalogue(out, seed=seed, progress=False, **options)
 
 
@@ -188,7 +191,7 @@ def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, message: 
 
 def test_cli_prints_one_summary_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["--out", str(tmp_path), "--train-views", "1", "--query-views", "1"]
-    demo.main([*argv, "--items", "china,flower", "--quiet"])
+    demo.main([*argv, "--items", "china,flower", "--outside-views", "0", "--quiet"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
     assert "2 labels" in lines[0] and str(tmp_path) in lines[0]
@@ -215,3 +218,17 @@ def test_cli_bad_arguments_exit_with_one_line(
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
     assert "error" in captured.err and "Traceback" not in captured.err
+
+
+def test_outside_photos_are_other_objects_in_each_split(tmp_path: Path) -> None:
+    summary = _build(tmp_path, outside_views=2)
+    assert summary.outside_views == 2
+    calibration = sorted((tmp_path / "train" / "_outside").iterdir())
+    held_back = sorted((tmp_path / "queries" / "_outside").iterdir())
+    assert len(calibration) == 2 * len(demo.OUTSIDE_TRAIN) == len(held_back)
+    assert not set(demo.OUTSIDE_TRAIN) & set(demo.OUTSIDE_QUERIES) & set(demo.ITEMS)
+    assert {_digest(p.read_bytes()) for p in calibration}.isdisjoint(
+        _digest(p.read_bytes()) for p in held_back
+    )
+    # Training does not take the folder for a label.
+    assert sorted(discover(tmp_path / "train").label_names) == sorted(LABELS)

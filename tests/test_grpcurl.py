@@ -45,7 +45,7 @@ async def test_list_without_proto_files(target) -> None:
 async def test_describe_shows_the_contract(target) -> None:
     result = await grpcurl("-plaintext", target, "describe", "matcher.v1.Matcher")
     assert result.returncode == 0, result.stderr
-    for rpc in ("Match", "Embed", "GetModelInfo"):
+    for rpc in ("Match", "Embed", "GetModelInfo", "GetReference"):
         assert f"rpc {rpc} " in result.stdout
     message = await grpcurl("-plaintext", target, "describe", "matcher.v1.ImageRequest")
     assert "uint32 top_k = 2;" in message.stdout
@@ -60,6 +60,24 @@ async def test_match_with_a_base64_image(target, demo) -> None:
     assert len(answer["matches"]) == 3
     assert answer["matches"][0]["label"] == label
     assert answer["model"]["backbone"] == "efficientnet_lite0"
+    assert answer["verdict"] == "MATCH" and answer["verdict_score"] >= answer["threshold"]
+    assert answer["matches"][0]["reference_id"].startswith(f"{label}/")
+
+
+async def test_get_reference_of_a_match(target, demo) -> None:
+    _, path = query_images(demo)[0]
+    body = json.dumps({"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 1})
+    answer = json.loads(
+        (await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/Match")).stdout
+    )
+    reference_id = answer["matches"][0]["reference_id"]
+    body = json.dumps({"reference_id": reference_id})
+    result = await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/GetReference")
+    assert result.returncode == 0, result.stderr
+    reference = json.loads(result.stdout)
+    assert reference["reference_id"] == reference_id
+    assert reference["media_type"] == "image/jpeg"
+    assert base64.b64decode(reference["image"])[:2] == b"\xff\xd8"  # a JPEG
 
 
 async def test_match_with_a_large_image_from_stdin(target, demo) -> None:

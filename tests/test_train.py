@@ -117,8 +117,28 @@ def test_the_run_folder_is_vouched_for_by_its_manifest(trained) -> None:
     folder = trained.classifier_path.parent
     assert trained.classifier_path.name == "classifier.skops"
     manifest = verify(folder, "classifier")
-    assert sorted(manifest.files) == ["classifier.skops", "features.npz", "report.json"]
+    top = sorted({name.split("/")[0] for name in manifest.files})
+    assert top == ["classifier.skops", "features.npz", "index.npz", "references", "report.json"]
+    # Every kept view has its thumbnail, listed.
+    thumbnails = [name for name in manifest.files if name.startswith("references/")]
+    assert len(thumbnails) == trained.report["index"]["views"]
     assert manifest.excluded == ("report",)  # the HTML report is redrawn at will
+
+
+def test_the_report_records_the_index_and_the_no_match_threshold(trained, demo) -> None:
+    index, no_match = trained.report["index"], trained.report["no_match"]
+    assert index == {
+        "file": "index.npz",
+        "views": 12 * demo.train_views,
+        "references": "references",
+    }
+    assert no_match["score"] == "nearest_reference_similarity"
+    assert no_match["false_reject_rate"] <= no_match["target_false_reject"] == 0.02
+    # The demo's train/_outside/ photos measured the false accepts.
+    assert no_match["outside_photos"] == 4 * demo.outside_views
+    assert no_match["false_accept_rate"] is not None and 0 <= no_match["false_accept_rate"] <= 1
+    assert len(no_match["curve"]) == 41
+    assert "_outside" not in trained.report["data"]["counts"]
 
 
 def test_joblib_format_replaces_the_skops_file(demo, embedded_backend, tmp_path) -> None:
@@ -134,10 +154,13 @@ def test_joblib_format_replaces_the_skops_file(demo, embedded_backend, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [
         "classifier.joblib",
         "features.npz",
+        "index.npz",
         "manifest.json",
+        "references",
         "report.json",
     ]
-    assert sorted(verify(out).files) == ["classifier.joblib", "features.npz", "report.json"]
+    top = sorted({name.split("/")[0] for name in verify(out).files})
+    assert top == ["classifier.joblib", "features.npz", "index.npz", "references", "report.json"]
     assert second.report["classifier"]["file"] == "classifier.joblib"
     loaded = Classifier.load(second.classifier_path)
     assert loaded.info.sha256 == second.report["classifier"]["sha256"]

@@ -24,6 +24,7 @@ FIGURES = [
     "confusion.png",
     "grid.png",
     "tsne.png",
+    "no_match.png",
     "bottleneck.png",
     "input.png",
     *(f"feature_maps_{k}.png" for k in range(1, 5)),
@@ -207,6 +208,14 @@ def test_bottleneck_comes_from_the_model_and_matches_the_recorded_features(full_
     assert "computed now by the SavedModel" in text
     assert "differ from those recorded" not in text
     assert "1280 numbers" in text
+
+
+def test_the_no_match_section_states_the_threshold_and_its_rates(full_report, trained) -> None:
+    _, _, page = full_report
+    no_match = trained.report["no_match"]
+    assert f"Threshold {no_match['threshold']:.4f}" in page.all_text
+    assert f"{no_match['matched_holdout']} correct held-out matches" in page.all_text
+    assert f"{no_match['outside_photos']} photos of things outside the catalogue" in page.all_text
 
 
 def test_no_baselines_table_without_baselines(full_report, trained) -> None:

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "tens of thousands)",
     )
     parser.add_argument("--holdout", type=float, default=0.2, help="held-out share (0.2)")
+    parser.add_argument(
+        "--outside",
+        type=Path,
+        help="photos of things outside the catalogue, to measure the no-match threshold's false "
+        "accepts (default: DATA/_outside/ when there is one)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
     parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model_dir if args.features == "cnn" and args.backend == "embedded" else None,
         format=args.format,
         search=args.search,
+        outside=args.outside,
     )
     try:
         backend = make_backend(settings) if args.features == "cnn" else _hog_backend()

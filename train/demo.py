@@ -11,6 +11,9 @@ Layout written under ``out``::
     out/demo.json                       parameters + file list, written last (= complete)
     out/train/<label>/<label>_0000.jpg  training views
     out/queries/<label>/<label>_0000.jpg  held-out views from a separate random stream
+    out/train/_outside/_outside_0000.jpg  photos of things not in the catalogue, rendered the
+    out/queries/_outside/_outside_0000.jpg  same way (other objects in each split), for the
+                                          "no match" threshold and its test
 
 Run ``python -m train.demo --out data/demo`` to build it.
 """
@@ -56,11 +59,17 @@ ITEMS: tuple[str, ...] = (
     "flower",
 )
 _SKLEARN_ITEMS = frozenset({"china", "flower"})
+# Real photos that are not catalogue items: those under train/_outside/ calibrate the no-match
+# threshold, the others, under queries/_outside/, test it on objects it never saw. The cat is
+# the hard case: another cat than `chelsea`.
+OUTSIDE_TRAIN: tuple[str, ...] = ("horse", "coins", "moon", "page")
+OUTSIDE_QUERIES: tuple[str, ...] = ("cat", "clock", "text", "cell")
+_OUTSIDE_FOLDER = "_outside"
 # Grayscale texture photos used only as backgrounds, never as items.
 _TEXTURES = ("brick", "grass", "gravel")
 
 # Bump whenever the rendering changes so that catalogues built by older code are rebuilt.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _MANIFEST = "demo.json"
 # Split name -> key of its random streams, so query views never replay training views.
 _SPLITS = {"train": 1, "queries": 2}
@@ -80,6 +89,8 @@ class DemoSummary:
     labels: list[str]
     train_views: int
     query_views: int
+    #: Views of each outside object, in each split's `_outside/` folder.
+    outside_views: int = 0
 
 
 # --------------------------------------------------------------------------- sources
@@ -384,14 +395,35 @@ def _check_arguments(
     return labels
 
 
-def _parameters(labels: list[str], train_views: int, query_views: int, seed: int) -> dict:
+def _parameters(
+    labels: list[str], train_views: int, query_views: int, seed: int, outside_views: int
+) -> dict:
     return {
         "generator_version": _GENERATOR_VERSION,
         "seed": seed,
         "train_views": train_views,
         "query_views": query_views,
+        "outside_views": outside_views,
         "items": labels,
     }
+
+
+def _jobs(
+    labels: list[str], train_views: int, query_views: int, outside_views: int
+) -> list[tuple[str, str, int, str, int]]:
+    """(source item, split, view index, folder, file number) of every file to render."""
+    jobs = [
+        (label, split, index, label, index)
+        for label in labels
+        for split, count in (("train", train_views), ("queries", query_views))
+        for index in range(count)
+    ]
+    for split, items in (("train", OUTSIDE_TRAIN), ("queries", OUTSIDE_QUERIES)):
+        for number, (item, index) in enumerate(
+            (item, index) for item in items for index in range(outside_views)
+        ):
+            jobs.append((item, split, index, _OUTSIDE_FOLDER, number))
+    return jobs
 
 
 def _is_complete(out: Path, parameters: dict) -> bool:
@@ -481,6 +513,7 @@ def build_demo_catalogue(
     seed: int = 0,
     items: Sequence[str] | None = None,
     progress: bool = True,
+    outside_views: int = 3,
 ) -> DemoSummary:
     """Write a demo catalogue of simulated field photos under ``out``.
 
@@ -488,35 +521,36 @@ def build_demo_catalogue(
     ``out/train/<label>/`` and ``query_views`` held-out views under ``out/queries/<label>/``.
     Output is byte-identical for the same arguments. When ``out`` already holds a complete
     catalogue built with the same arguments nothing is rewritten; otherwise old label folders
-    are removed and everything is regenerated.
+    are removed and everything is regenerated. ``outside_views`` views of each object outside
+    the catalogue go to ``out/<split>/_outside/`` (:data:`OUTSIDE_TRAIN`, :data:`OUTSIDE_QUERIES`).
 
     Raises ValueError for bad counts, a negative seed, unknown or repeated items, or when a
     folder that would be replaced holds files this function did not make.
     """
     labels = _check_arguments(train_views, query_views, seed, items)
+    if outside_views < 0:
+        raise ValueError(f"outside_views must not be negative, got {outside_views}")
     out = Path(out)
-    parameters = _parameters(labels, train_views, query_views, seed)
-    summary = DemoSummary(out, labels, train_views, query_views)
+    parameters = _parameters(labels, train_views, query_views, seed, outside_views)
+    summary = DemoSummary(out, labels, train_views, query_views, outside_views)
     if _is_complete(out, parameters):
         return summary
 
     _remove_stale(out)
-    jobs = [
-        (label, split, index)
-        for label in labels
-        for split, count in (("train", train_views), ("queries", query_views))
-        for index in range(count)
-    ]
+    jobs = _jobs(labels, train_views, query_views, outside_views)
+    render_jobs = [(item, split, index) for item, split, index, _, _ in jobs]
+    sources = [*labels, *OUTSIDE_TRAIN, *OUTSIDE_QUERIES] if outside_views else labels
     files: dict[str, int] = {}
     with (
         # The renderer first: loading the source photos then does not stall the bar's first step.
-        _renderer(labels, seed) as render,
+        _renderer(sources, seed) as render,
         tqdm(total=len(jobs), desc="demo catalogue", unit="img", disable=not progress) as bar,
     ):
         # Results arrive in job order, so the files and the manifest do not depend on timing.
-        for (label, split, index), (payload, extension) in zip(jobs, render(jobs), strict=True):
-            (out / split / label).mkdir(parents=True, exist_ok=True)
-            path = out / split / label / f"{label}_{index:04d}.{extension}"
+        rendered = zip(jobs, render(render_jobs), strict=True)
+        for (_, split, _, folder, number), (payload, extension) in rendered:
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+            path = out / split / folder / f"{folder}_{number:04d}.{extension}"
             path.write_bytes(payload)
             files[path.relative_to(out).as_posix()] = len(payload)
             bar.update()
@@ -546,6 +580,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--query-views", type=int, default=8, help="held-out views per item")
     parser.add_argument("--seed", type=int, default=0, help="random seed (non-negative)")
     parser.add_argument(
+        "--outside-views",
+        type=int,
+        default=3,
+        help="views of each out-of-catalogue object in train/_outside/ and queries/_outside/",
+    )
+    parser.add_argument(
         "--items",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
         default=None,
@@ -567,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             seed=args.seed,
             items=args.items,
             progress=not args.quiet,
+            outside_views=args.outside_views,
         )
     except (ValueError, OSError) as exc:
         print(f"python -m train.demo: error: {exc}", file=sys.stderr)

@@ -19,10 +19,20 @@ from sklearn.model_selection import train_test_split
 from integrity.manifest import write_manifest
 from matcher.backends.base import FeatureExtractor
 from matcher.classifier import file_sha256
-from matcher.dataset import DatasetError, discover
+from matcher.dataset import DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
-from matcher.layout import CLASSIFIER_FILES, DEFAULT_FORMAT, FEATURES_FILE, REPORT_FILE
+from matcher.index import CatalogueIndex
+from matcher.layout import (
+    CLASSIFIER_FILES,
+    DEFAULT_FORMAT,
+    FEATURES_FILE,
+    INDEX_FILE,
+    REFERENCES_DIR,
+    REPORT_FILE,
+)
 from matcher.svm import best_params, grid_search
+from train.calibration import TARGET_FALSE_REJECT, NoMatchCalibration, calibrate
+from train.references import write_thumbnails
 from train.report import (
     build_report,
     format_confusion,
@@ -58,6 +68,11 @@ class TrainConfig:
     format: str = DEFAULT_FORMAT
     #: The SVM search: "auto" (a subsample above matcher.svm.SEARCH_SAMPLES) or "full".
     search: str = "auto"
+    #: Photos of things outside the catalogue, for the no-match threshold; None looks for
+    #: DATA/_outside/ (and calibrates without outside photos when there is none).
+    outside: Path | None = None
+    #: Correct matches the no-match threshold may reject on the held-out split.
+    target_false_reject: float = TARGET_FALSE_REJECT
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,12 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     )
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
-    holdout = holdout_metrics(names, y_test, list(search.predict(x_test)))
+    predicted = list(search.predict(x_test))
+    holdout = holdout_metrics(names, y_test, predicted)
+    ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
+    no_match = _calibrate(
+        extraction.features, labels, ids, train_idx, test_idx, predicted, backend, cache, config
+    )
     # Staged under a temporary name and put in place only next to the manifest (below): a
     # server watching this folder never sees a new classifier beside an old manifest.
     staged = _stage(search.best_estimator_, config.out, config.format)
@@ -109,6 +129,9 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         [str(p.relative_to(config.data)) for p in kept_paths],
         test_idx,
     )
+    # Every kept view is a reference: the held-out ones were only held out to measure.
+    CatalogueIndex.build(extraction.features, labels, ids).save(config.out / INDEX_FILE)
+    write_thumbnails(config.out, kept_paths, ids)
     baselines = None
     if config.baselines:
         # Imported only when asked for: HoG pulls in scikit-image.
@@ -139,6 +162,8 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         classifier_type="CalibratedClassifierCV(SVC)",
         model_dir=config.model_dir,
     )
+    report["index"] = {"file": INDEX_FILE, "views": len(ids), "references": REFERENCES_DIR}
+    report["no_match"] = no_match.as_dict()
     if baselines is not None:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
@@ -148,6 +173,46 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     write_manifest(config.out, tool="train", kind="classifier")
     _print_summary(report, holdout, best_params(search))
     return TrainResult(classifier_path, report_path, report)
+
+
+def _calibrate(
+    features: np.ndarray,
+    labels: list[str],
+    ids: list[str],
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    predicted: list[str],
+    backend: FeatureExtractor,
+    cache: FeatureCache | None,
+    config: TrainConfig,
+) -> NoMatchCalibration:
+    """The no-match threshold: held-out photos (and outside ones) against the training views."""
+    seen = CatalogueIndex.build(
+        features[train_idx], [labels[i] for i in train_idx], [ids[i] for i in train_idx]
+    )
+    nearest = seen.search(features[test_idx]).similarity.max(axis=1)
+    correct = np.array([labels[i] == p for i, p in zip(test_idx, predicted, strict=True)])
+    outside_dir = config.outside or default_outside(config.data)
+    outside_scores = np.zeros(0)
+    if outside_dir is not None:
+        photos = outside_images(outside_dir)
+        found = extract_features(photos, backend, cache, config.batch_size, progress=False)
+        for path, why in found.rejected.items():
+            log.warning("skipped outside photo %s: %s", path, why)
+        if len(found.kept):
+            outside_scores = seen.search(found.features).similarity.max(axis=1)
+    calibration = calibrate(nearest[correct], outside_scores, config.target_false_reject)
+    rate = calibration.false_accept_rate
+    log.info(
+        "no-match threshold %.4f: rejects %.1f %% of %d correct held-out matches; %s",
+        calibration.threshold,
+        100 * calibration.false_reject_rate,
+        calibration.matched_holdout,
+        f"accepts {100 * rate:.1f} % of {calibration.outside_photos} outside photos"
+        if rate is not None
+        else "no outside photos to measure false accepts (DATA/_outside/ or --outside)",
+    )
+    return calibration
 
 
 def _extract(

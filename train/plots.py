@@ -73,6 +73,26 @@ def _text_colour(value: float) -> str:
     return "black" if value > 0.55 else "white"
 
 
+def no_match_figure(curve: Sequence[Mapping[str, Any]], threshold: float) -> Figure:
+    """False rejects and false accepts against the threshold, the chosen one marked."""
+    figure = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    thresholds = [point["threshold"] for point in curve]
+    ax.plot(
+        thresholds, [point["false_reject"] for point in curve], label="correct matches rejected"
+    )
+    accepts = [point["false_accept"] for point in curve]
+    if all(value is not None for value in accepts):
+        ax.plot(thresholds, accepts, label="outside photos accepted")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("threshold on the similarity to the nearest catalogue view")
+    ax.set_ylabel("share of photos")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("No match: what each threshold rejects and lets through")
+    ax.legend(loc="center right")
+    return figure
+
+
 def confusion_figure(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> Figure:
     """Heatmap of the confusion matrix (rows: truth, columns: predicted), counts written in.
 

@@ -36,6 +36,7 @@ OUTPUT_FILES = (
     "confusion.png",
     "grid.png",
     "tsne.png",
+    "no_match.png",
     "bottleneck.png",
     "input.png",
     *(f"feature_maps_{k}.png" for k in range(1, 5)),
@@ -601,6 +602,33 @@ def _feature_maps_html(views: ModelViews, pictures: list[Picture]) -> str:
     return "".join(parts)
 
 
+def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
+    no_match = report.get("no_match")
+    if not no_match:
+        return _note("This run has no catalogue index, so no no-match threshold (train again).")
+    accepts = no_match["false_accept_rate"]
+    measured = (
+        f"lets through {100 * accepts:.1f} % of {no_match['outside_photos']} photos of things "
+        "outside the catalogue"
+        if accepts is not None
+        else "was not measured against photos of things outside the catalogue (put some in "
+        "DATA/_outside/ or pass --outside)"
+    )
+    text = (
+        f"<p>Threshold {no_match['threshold']:.4f} on the similarity to the nearest catalogue "
+        f"view: it turns {100 * no_match['false_reject_rate']:.1f} % of the "
+        f'{no_match["matched_holdout"]} correct held-out matches into "no match" and '
+        f"{_e(measured)}.</p>"
+    )
+    picture = _picture(
+        "no_match.png",
+        plots.no_match_figure(no_match["curve"], no_match["threshold"]),
+        "no-match curve",
+    )
+    pictures.append(picture)
+    return text + _figure(picture, "False rejects and false accepts against the threshold")
+
+
 def _baselines_html(report: dict[str, Any]) -> str:
     baselines = report.get("baselines")
     if not baselines:
@@ -703,6 +731,7 @@ def write_visual_report(
         ("per-class", "Per-class precision, recall and F1", _per_class_html(report["holdout"])),
         ("grid", "Grid search", _grid_html(report["search"], pictures)),
         ("tsne", "Feature space (t-SNE)", _tsne_html(features, pictures)),
+        ("no-match", "No match", _no_match_html(report, pictures)),
         (
             "bottleneck",
             "One image's feature vector",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matcher/v1/matcher.proto\x12\nmatcher.v1\",\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"S\n\rModelIdentity\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lassifier_sha256\x18\x03 \x01(\t\"b\n\rMatchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.matcher.v1.LabelScore\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\"K\n\rEmbedResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"\xfe\x02\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x17\n\x0f\x63lassifier_type\x18\x05 \x01(\t\x12\x46\n\x11\x63lassifier_params\x18\x06 \x03(\x0b\x32+.matcher.v1.ModelInfo.ClassifierParamsEntry\x12\x1d\n\x10holdout_accuracy\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x05model\x18\x08 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12\x17\n\x0f\x66\x65\x61ture_backend\x18\t \x01(\t\x12\x15\n\rfeature_layer\x18\n \x01(\t\x1a\x37\n\x15\x43lassifierParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_holdout_accuracy2\xcd\x01\n\x07Matcher\x12<\n\x05Match\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.MatchResponse\x12<\n\x05\x45mbed\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.matcher.v1.GetModelInfoRequest\x1a\x15.matcher.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matcher/v1/matcher.proto\x12\nmatcher.v1\"d\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x15\n\x13_no_match_threshold\"h\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x14\n\x0creference_id\x18\x03 \x01(\t\x12\x17\n\nsimilarity\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_similarity\"S\n\rModelIdentity\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lassifier_sha256\x18\x03 \x01(\t\"\xb2\x01\n\rMatchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.matcher.v1.LabelScore\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12$\n\x07verdict\x18\x03 \x01(\x0e\x32\x13.matcher.v1.Verdict\x12\x15\n\rverdict_score\x18\x04 \x01(\x02\x12\x11\n\tthreshold\x18\x05 \x01(\x02\"+\n\x13GetReferenceRequest\x12\x14\n\x0creference_id\x18\x01 \x01(\t\"S\n\tReference\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"K\n\rEmbedResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"\xcf\x03\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x17\n\x0f\x63lassifier_type\x18\x05 \x01(\t\x12\x46\n\x11\x63lassifier_params\x18\x06 \x03(\x0b\x32+.matcher.v1.ModelInfo.ClassifierParamsEntry\x12\x1d\n\x10holdout_accuracy\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x05model\x18\x08 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12\x17\n\x0f\x66\x65\x61ture_backend\x18\t \x01(\t\x12\x15\n\rfeature_layer\x18\n \x01(\t\x12\x17\n\x0freference_views\x18\x0b \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x0c \x01(\x02H\x01\x88\x01\x01\x1a\x37\n\x15\x43lassifierParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_holdout_accuracyB\x15\n\x13_no_match_threshold*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\t\n\x05MATCH\x10\x01\x12\x0c\n\x08NO_MATCH\x10\x02\x32\x95\x02\n\x07Matcher\x12<\n\x05Match\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.MatchResponse\x12<\n\x05\x45mbed\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.matcher.v1.GetModelInfoRequest\x1a\x15.matcher.v1.ModelInfo\x12\x46\n\x0cGetReference\x12\x1f.matcher.v1.GetReferenceRequest\x1a\x15.matcher.v1.Referenceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._loaded_options = None
   _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_options = b'8\001'
+  _globals['_VERDICT']._serialized_start=1210
+  _globals['_VERDICT']._serialized_end=1269
   _globals['_IMAGEREQUEST']._serialized_start=40
-  _globals['_IMAGEREQUEST']._serialized_end=84
-  _globals['_LABELSCORE']._serialized_start=86
-  _globals['_LABELSCORE']._serialized_end=128
-  _globals['_MODELIDENTITY']._serialized_start=130
-  _globals['_MODELIDENTITY']._serialized_end=213
-  _globals['_MATCHRESPONSE']._serialized_start=215
-  _globals['_MATCHRESPONSE']._serialized_end=313
-  _globals['_EMBEDRESPONSE']._serialized_start=315
-  _globals['_EMBEDRESPONSE']._serialized_end=390
-  _globals['_GETMODELINFOREQUEST']._serialized_start=392
-  _globals['_GETMODELINFOREQUEST']._serialized_end=413
-  _globals['_MODELINFO']._serialized_start=416
-  _globals['_MODELINFO']._serialized_end=798
-  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_start=722
-  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_end=777
-  _globals['_MATCHER']._serialized_start=801
-  _globals['_MATCHER']._serialized_end=1006
+  _globals['_IMAGEREQUEST']._serialized_end=140
+  _globals['_LABELSCORE']._serialized_start=142
+  _globals['_LABELSCORE']._serialized_end=246
+  _globals['_MODELIDENTITY']._serialized_start=248
+  _globals['_MODELIDENTITY']._serialized_end=331
+  _globals['_MATCHRESPONSE']._serialized_start=334
+  _globals['_MATCHRESPONSE']._serialized_end=512
+  _globals['_GETREFERENCEREQUEST']._serialized_start=514
+  _globals['_GETREFERENCEREQUEST']._serialized_end=557
+  _globals['_REFERENCE']._serialized_start=559
+  _globals['_REFERENCE']._serialized_end=642
+  _globals['_EMBEDRESPONSE']._serialized_start=644
+  _globals['_EMBEDRESPONSE']._serialized_end=719
+  _globals['_GETMODELINFOREQUEST']._serialized_start=721
+  _globals['_GETMODELINFOREQUEST']._serialized_end=742
+  _globals['_MODELINFO']._serialized_start=745
+  _globals['_MODELINFO']._serialized_end=1208
+  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_start=1109
+  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_end=1164
+  _globals['_MATCHER']._serialized_start=1272
+  _globals['_MATCHER']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,21 +7,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    MATCH: _ClassVar[Verdict]
+    NO_MATCH: _ClassVar[Verdict]
+VERDICT_UNSPECIFIED: Verdict
+MATCH: Verdict
+NO_MATCH: Verdict
+
 class ImageRequest(_message.Message):
-    __slots__ = ("image", "top_k")
+    __slots__ = ("image", "top_k", "no_match_threshold")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ...) -> None: ...
+    no_match_threshold: float
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., no_match_threshold: _Optional[float] = ...) -> None: ...
 
 class LabelScore(_message.Message):
-    __slots__ = ("label", "score")
+    __slots__ = ("label", "score", "reference_id", "similarity")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    reference_id: str
+    similarity: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., reference_id: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class ModelIdentity(_message.Message):
     __slots__ = ("backbone", "model_version", "classifier_sha256")
@@ -33,12 +49,36 @@ class ModelIdentity(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., model_version: _Optional[int] = ..., classifier_sha256: _Optional[str] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("matches", "model")
+    __slots__ = ("matches", "model", "verdict", "verdict_score", "threshold")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[LabelScore]
     model: ModelIdentity
-    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ...) -> None: ...
+    verdict: Verdict
+    verdict_score: float
+    threshold: float
+    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., verdict_score: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class GetReferenceRequest(_message.Message):
+    __slots__ = ("reference_id",)
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    reference_id: str
+    def __init__(self, reference_id: _Optional[str] = ...) -> None: ...
+
+class Reference(_message.Message):
+    __slots__ = ("reference_id", "label", "image", "media_type")
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    reference_id: str
+    label: str
+    image: bytes
+    media_type: str
+    def __init__(self, reference_id: _Optional[str] = ..., label: _Optional[str] = ..., image: _Optional[bytes] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("features", "model")
@@ -53,7 +93,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer")
+    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold")
     class ClassifierParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +111,8 @@ class ModelInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FEATURE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
     input_size: int
@@ -81,4 +123,6 @@ class ModelInfo(_message.Message):
     model: ModelIdentity
     feature_backend: str
     feature_layer: str
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ...) -> None: ...
+    reference_views: int
+    no_match_threshold: float
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ...) -> None: ...

@@ -50,6 +50,11 @@ class MatcherStub:
                 request_serializer=matcher_dot_v1_dot_matcher__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=matcher_dot_v1_dot_matcher__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetReference = channel.unary_unary(
+                '/matcher.v1.Matcher/GetReference',
+                request_serializer=matcher_dot_v1_dot_matcher__pb2.GetReferenceRequest.SerializeToString,
+                response_deserializer=matcher_dot_v1_dot_matcher__pb2.Reference.FromString,
+                _registered_method=True)
 
 
 class MatcherServicer:
@@ -79,6 +84,16 @@ class MatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReference(self, request, context):
+        """Returns a reference view of the catalogue (a training photo, as a thumbnail), so that a
+        client can show what a photo was matched with. Ids come from LabelScore.reference_id.
+        Errors: NOT_FOUND for an id the loaded index does not hold; UNAVAILABLE while the models
+        are not loaded or when the classifier came without an index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +111,11 @@ def add_MatcherServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=matcher_dot_v1_dot_matcher__pb2.GetModelInfoRequest.FromString,
                     response_serializer=matcher_dot_v1_dot_matcher__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReference,
+                    request_deserializer=matcher_dot_v1_dot_matcher__pb2.GetReferenceRequest.FromString,
+                    response_serializer=matcher_dot_v1_dot_matcher__pb2.Reference.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +200,33 @@ class Matcher:
             '/matcher.v1.Matcher/GetModelInfo',
             matcher_dot_v1_dot_matcher__pb2.GetModelInfoRequest.SerializeToString,
             matcher_dot_v1_dot_matcher__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/matcher.v1.Matcher/GetReference',
+            matcher_dot_v1_dot_matcher__pb2.GetReferenceRequest.SerializeToString,
+            matcher_dot_v1_dot_matcher__pb2.Reference.FromString,
             options,
             channel_credentials,
             insecure,

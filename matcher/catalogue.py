@@ -1,0 +1,67 @@
+"""The catalogue a classifier was trained on, as served: the index, its thumbnails, the threshold.
+
+Loaded from the run folder only when its manifest verified and lists the index: the index's
+bytes are checked against the manifest before they are read, and each thumbnail against the
+manifest every time it is served, so a file swapped after start-up is refused, not shown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from integrity.manifest import Manifest
+from matcher.domain import Reference
+from matcher.errors import ModelLoadError, NotFoundError
+from matcher.index import CatalogueIndex
+from matcher.layout import INDEX_FILE, REFERENCES_DIR, thumbnail_path
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The index beside a classifier, its thumbnails and the calibrated no-match threshold."""
+
+    index: CatalogueIndex
+    folder: Path
+    #: The threshold train calibrated (report.json's no_match), or None.
+    threshold: float | None
+    #: sha256 of every thumbnail, by reference id, as the manifest records them.
+    thumbnails: dict[str, str]
+
+    def reference(self, reference_id: str) -> Reference:
+        """The thumbnail of one reference view; NotFoundError for an id the index lacks."""
+        label = self.index.label_of(reference_id)
+        expected = self.thumbnails.get(reference_id)
+        if label is None or expected is None:
+            raise NotFoundError(f"no reference view {reference_id!r} in the loaded catalogue")
+        path = thumbnail_path(self.folder, reference_id)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"reference thumbnail {path} cannot be read: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ModelLoadError(f"{path} differs from its manifest entry; refusing to serve it")
+        return Reference(reference_id, label, data)
+
+
+def load_catalogue(
+    folder: Path, manifest: Manifest, report: dict[str, Any] | None
+) -> Catalogue | None:
+    """The catalogue of a verified run folder, or None when it has no index (older runs)."""
+    entry = manifest.files.get(INDEX_FILE)
+    if entry is None:
+        return None
+    data = (folder / INDEX_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ModelLoadError(f"{folder / INDEX_FILE} changed after it was verified; refusing it")
+    index = CatalogueIndex.from_bytes(data, str(folder / INDEX_FILE))
+    prefix = f"{REFERENCES_DIR}/"
+    thumbnails = {
+        name.removeprefix(prefix).removesuffix(".jpg"): file.sha256
+        for name, file in manifest.files.items()
+        if name.startswith(prefix)
+    }
+    threshold = ((report or {}).get("no_match") or {}).get("threshold")
+    return Catalogue(index, folder, None if threshold is None else float(threshold), thumbnails)

@@ -1,0 +1,183 @@
+"""The catalogue index: every reference view's feature vector, its label and where it came from.
+
+Vectors are centred on the catalogue's mean view and L2-normalised, so a dot product is a
+cosine similarity of what sets a view apart from the catalogue at large. The backbone's pooled
+features are all positive and share a large common part, so raw cosines crowd together: on the
+demo catalogue, centring halved the out-of-catalogue photos accepted at a 2 % false-reject
+threshold (docs/benchmarks.md, "No match"). For each query and each
+label the index answers the label's most similar reference view: the evidence a person can look
+at (`GetReference`), the score the "no match" verdict is judged on, and, for the `knn` and
+`prototype` matchers, the ranking itself.
+
+Search is exact: one matrix product against every view, then the best view of each label (an
+argmax over each label's rows, which are kept together). Above `FAISS_MIN_VIEWS` views the
+nearest `FAISS_NEIGHBOURS` views come from faiss instead (exact inner product, `IndexFlatIP`,
+without the [queries, views] matrix), and a label with no view among them gets no reference.
+
+The file is a plain `.npz` of arrays (no pickle: `allow_pickle=False`), listed in the run
+folder's manifest like every other artefact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matcher.errors import ModelLoadError
+
+#: Above this many views, neighbours come from faiss instead of a full similarity matrix.
+FAISS_MIN_VIEWS = 200_000
+#: How many nearest views faiss returns per query, merged into labels.
+FAISS_NEIGHBOURS = 256
+#: Similarity given to a label none of whose views was searched (faiss path only).
+UNSEEN = -1.0
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    result: np.ndarray = vectors / np.maximum(norms, np.float32(1e-12))
+    return result
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """For each query and label: the best similarity and the row of that view."""
+
+    #: float32 [Q, L] cosine similarity of each label's most similar view (UNSEEN if none).
+    similarity: np.ndarray
+    #: int64 [Q, L] the row of that view in the index (-1 if none).
+    row: np.ndarray
+
+
+class CatalogueIndex:
+    """Reference views grouped by label, searchable by cosine similarity.
+
+    Made by `build` from the backbone's features, or read back with `from_bytes`.
+    """
+
+    def __init__(
+        self, vectors: np.ndarray, row_labels: Sequence[str], ids: Sequence[str], centre: np.ndarray
+    ) -> None:
+        """Rows already centred, normalised and grouped by label, as `build` leaves them."""
+        if not len(vectors) == len(row_labels) == len(ids) or len(vectors) == 0:
+            raise ValueError(
+                f"an index needs one label and one id per vector, and at least one vector; got "
+                f"{len(vectors)} vectors, {len(row_labels)} labels, {len(ids)} ids"
+            )
+        self.vectors = np.asarray(vectors, np.float32)
+        self.centre = np.asarray(centre, np.float32)
+        self.row_labels = [str(label) for label in row_labels]
+        self.ids = [str(reference) for reference in ids]
+        if self.row_labels != sorted(self.row_labels):
+            raise ValueError("index rows are not grouped by label")
+        self.labels = sorted(set(self.row_labels))
+        self._label_of_row = np.searchsorted(self.labels, self.row_labels)
+        starts = np.flatnonzero(np.r_[True, self._label_of_row[1:] != self._label_of_row[:-1]])
+        #: (first row, end row) of each label, in label order.
+        self._groups = list(zip(starts.tolist(), [*starts[1:].tolist(), self.size], strict=True))
+        self._row_of_id = {reference: row for row, reference in enumerate(self.ids)}
+        self._faiss: Any = None
+
+    @classmethod
+    def build(
+        cls,
+        features: np.ndarray,
+        labels: Sequence[str],
+        ids: Sequence[str],
+        centre: np.ndarray | None = None,
+    ) -> CatalogueIndex:
+        """An index of views with these backbone features, labels and ids (any order),
+        centred on `centre` (the views' mean when None; zeros for plain cosines)."""
+        if not len(features) == len(labels) == len(ids) or len(features) == 0:
+            raise ValueError(
+                f"an index needs one label and one id per vector, and at least one vector; got "
+                f"{len(features)} vectors, {len(labels)} labels, {len(ids)} ids"
+            )
+        order = np.argsort(np.asarray(labels), kind="stable")
+        raw = np.asarray(features, dtype=np.float32)
+        centre = raw.mean(axis=0) if centre is None else np.asarray(centre, np.float32)
+        vectors = normalise(raw[order] - centre)
+        return cls(vectors, [labels[i] for i in order], [ids[i] for i in order], centre)
+
+    @property
+    def size(self) -> int:
+        return len(self.row_labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def label_of(self, reference_id: str) -> str | None:
+        """The label of a reference view, or None when the index holds no such id."""
+        row = self._row_of_id.get(reference_id)
+        return None if row is None else self.row_labels[row]
+
+    def search(self, queries: np.ndarray) -> Neighbours:
+        """Each label's most similar view for every query row (the backbone's features)."""
+        queries = normalise(np.asarray(queries, np.float32) - self.centre)
+        if self.size >= FAISS_MIN_VIEWS:
+            return self._search_faiss(queries)
+        similarity = queries @ self.vectors.T  # [Q, N]
+        rows = np.empty((len(queries), len(self.labels)), dtype=np.int64)
+        for column, (start, end) in enumerate(self._groups):
+            rows[:, column] = start + similarity[:, start:end].argmax(axis=1)
+        best = np.take_along_axis(similarity, rows, axis=1)
+        return Neighbours(best.astype(np.float32), rows)
+
+    def prototypes(self) -> np.ndarray:
+        """float32 [L, D]: each label's mean view, normalised (the `prototype` matcher)."""
+        starts = [start for start, _ in self._groups]
+        return normalise(np.add.reduceat(self.vectors, starts, axis=0))
+
+    def _search_faiss(self, queries: np.ndarray) -> Neighbours:
+        import faiss
+
+        if self._faiss is None:
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(self.vectors)
+            self._faiss = index
+        k = min(FAISS_NEIGHBOURS, self.size)
+        scores, found = self._faiss.search(np.ascontiguousarray(queries), k)
+        best = np.full((len(queries), len(self.labels)), UNSEEN, dtype=np.float32)
+        rows = np.full(best.shape, -1, dtype=np.int64)
+        # Neighbours come most similar first, so the first one seen of a label is its best.
+        for q in range(len(queries)):
+            for score, row in zip(scores[q][::-1], found[q][::-1], strict=True):
+                if row >= 0:
+                    column = self._label_of_row[row]
+                    best[q, column], rows[q, column] = score, row
+        return Neighbours(best, rows)
+
+    # --- the file ---
+
+    def save(self, path: Path) -> None:
+        """Write the index as a plain `.npz` (written under another name, then renamed)."""
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(
+            tmp,
+            vectors=self.vectors,
+            centre=self.centre,
+            labels=np.asarray(self.row_labels, dtype=str),
+            ids=np.asarray(self.ids, dtype=str),
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> CatalogueIndex:
+        """Read an index file's bytes (already verified by the caller); never unpickles."""
+        import io
+        import zipfile
+
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return cls(
+                    arrays["vectors"], list(arrays["labels"]), list(arrays["ids"]), arrays["centre"]
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelLoadError(f"index {where} is not readable: {exc}") from exc
