@@ -106,6 +106,7 @@ bench: export demo
 		--model-dir $(MODEL_DIR) --model-dir $(BENCH_MODELS)/bf16/efficientnet_lite0
 	$(PY) -m bench.precision --json build/bench-precision.json
 	$(PY) -m bench.no_match --model-dir $(MODEL_DIR) --json build/bench-no-match.json
+	$(PY) -m bench.phone_photos --json build/bench-phone-photos.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json

@@ -38,7 +38,8 @@ from integrity.manifest import (
 from matcher.catalogue import Catalogue, load_catalogue
 from matcher.errors import ModelLoadError
 from matcher.fast_proba import compile_probabilities
-from matcher.layout import REPORT_FILE
+from matcher.index import Neighbours, normalise
+from matcher.layout import INDEX_FILE, REPORT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,18 @@ class Classifier:
     """Ranks labels from feature vectors."""
 
     def __init__(
-        self, estimator: Any, info: ClassifierInfo, catalogue: Catalogue | None = None
+        self,
+        estimator: Any,
+        info: ClassifierInfo,
+        catalogue: Catalogue | None = None,
+        matcher: str = "svm",
     ) -> None:
         self._estimator = estimator
         self.info = info
+        #: "svm" (the estimator ranks), or "knn" / "prototype" (the index ranks; no estimator).
+        self.matcher = matcher
+        if matcher != "svm" and catalogue is None:
+            raise ModelLoadError(f"the {matcher} matcher needs the run folder's index")
         #: The index, thumbnails and no-match threshold of the run folder (None: no index).
         self.catalogue = catalogue
         if catalogue is not None and catalogue.index.labels != info.labels:
@@ -100,7 +109,7 @@ class Classifier:
                 f"the classifier expects {info.feature_dim}"
             )
         # scikit-learn's own predict_proba costs milliseconds of input checks per call.
-        self._fast = compile_probabilities(estimator)
+        self._fast = compile_probabilities(estimator) if estimator is not None else None
 
     @classmethod
     def load(cls, path: Path, expected_sha256: str | None = None) -> Classifier:
@@ -108,7 +117,10 @@ class Classifier:
 
         With `expected_sha256` the file must have that digest; without it, the manifest in
         the file's folder must verify and list the file. Anything else is refused unopened.
+        `path` may also be a run folder: its report names the matcher, and for `svm` the file.
         """
+        if path.is_dir():
+            return cls._load_run(path, expected_sha256)
         if not path.is_file():
             raise ModelLoadError(f"classifier file {path} does not exist; run `make train`")
         reader = _reader_for(path)
@@ -132,9 +144,52 @@ class Classifier:
         estimator = reader(path, data)
         return cls(estimator, _describe(estimator, actual, report), catalogue)
 
+    @classmethod
+    def _load_run(cls, folder: Path, expected_sha256: str | None) -> Classifier:
+        """A run folder: the svm's file, or the index alone for `knn` and `prototype`."""
+        report = read_run_report(folder)
+        matcher = str(report.get("matcher", "svm"))
+        if matcher == "svm":
+            return cls.load(folder / str(report["classifier"]["file"]), expected_sha256)
+        if matcher not in INDEX_MATCHERS:
+            raise ModelLoadError(f"{folder / REPORT_FILE} names an unknown matcher {matcher!r}")
+        if expected_sha256:
+            raise ModelLoadError(
+                f"the {matcher} matcher of {folder} is its index and thumbnails: trust them "
+                "through the folder's manifest, not --classifier-sha256"
+            )
+        try:
+            manifest = verify(folder, "classifier")
+        except IntegrityError as exc:
+            raise ModelLoadError(f"{exc}; refusing to load the catalogue") from exc
+        catalogue = load_catalogue(folder, manifest, report)
+        if catalogue is None:
+            raise ModelLoadError(f"{folder} has no {INDEX_FILE} listed in its manifest")
+        info = ClassifierInfo(
+            sha256=manifest.files[INDEX_FILE].sha256,
+            labels=list(catalogue.index.labels),
+            feature_dim=catalogue.index.dim,
+            type_name=INDEX_MATCHERS[matcher],
+            params={"temperature": str(TEMPERATURE)},
+            holdout_accuracy=report.get("holdout", {}).get("accuracy"),
+            backbone=report.get("backbone", {}).get("name"),
+        )
+        return cls(None, info, catalogue, matcher)
+
     @property
     def labels(self) -> list[str]:
         return self.info.labels
+
+    def rank(self, features: np.ndarray) -> tuple[np.ndarray, Neighbours | None]:
+        """Probabilities [N, n_labels] and, with an index, each label's nearest view."""
+        neighbours = self.catalogue.index.search(features) if self.catalogue else None
+        if self.matcher == "knn" and neighbours is not None:
+            return softmax(neighbours.similarity / TEMPERATURE), neighbours
+        if self.matcher == "prototype" and self.catalogue is not None:
+            index = self.catalogue.index
+            similarity = normalise(np.asarray(features, np.float32) - index.centre)
+            return softmax(similarity @ index.prototypes().T / TEMPERATURE), neighbours
+        return self.probabilities(features), neighbours
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """float [N, n_labels] probabilities in [0, 1], columns in `labels` order.
@@ -145,6 +200,31 @@ class Classifier:
         if self._fast is not None:
             return self._fast(features)
         return np.asarray(self._estimator.predict_proba(features), dtype=np.float64)
+
+
+#: The matchers that rank by the index alone, and the type GetModelInfo reports for each.
+INDEX_MATCHERS = {"knn": "NearestView", "prototype": "NearestPrototype"}
+#: Similarities become probabilities by a softmax at this temperature: a label 0.1 more
+#: similar than another is e^2 (7.4x) more probable.
+TEMPERATURE = 0.05
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Rows of `scores` as probabilities (float64, each row sums to 1)."""
+    shifted = np.asarray(scores, np.float64) - np.max(scores, axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return result
+
+
+def read_run_report(folder: Path) -> dict[str, Any]:
+    """A run folder's report.json (ModelLoadError when there is none)."""
+    path = folder / REPORT_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} is not a training run folder: {path}: {exc}") from exc
+    return data
 
 
 def _verify_with_manifest(path: Path, actual: str) -> Manifest:

@@ -33,7 +33,7 @@ from matcher.domain import (
     Verdict,
 )
 from matcher.errors import InvalidRequestError, ModelLoadError, NotReadyError
-from matcher.images import ImageLimits, inspect_image, load_image_readers
+from matcher.images import ImageLimits, for_graph, inspect_image, load_image_readers
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,9 @@ class MatcherCore:
 
     async def _answer(self, image: bytes) -> _Answer:
         """One image's answer, computed in a batch with concurrent ones."""
-        inspect_image(image, self._limits)
+        header = inspect_image(image, self._limits)
+        if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
+            image = await asyncio.to_thread(for_graph, image, header)
         answer: _Answer = await self.batcher.features(image)
         return answer
 
@@ -200,17 +202,16 @@ class MatcherCore:
                     f"the backend answered {features.shape[1]} features; the classifier "
                     f"expects {classifier.info.feature_dim}"
                 )
-            probabilities = classifier.probabilities(features)
+            probabilities, found = classifier.rank(features)
         model = ModelIdentity(backbone.name, backbone.version, classifier.info.sha256)
         labels = classifier.labels
         catalogue = classifier.catalogue
-        if catalogue is None:
+        if catalogue is None or found is None:
             return [
                 _Answer(row, p, labels, model, None, None)
                 for row, p in zip(features, probabilities, strict=True)
             ]
         # Index labels equal the classifier's (checked at load), so columns line up.
-        found = catalogue.index.search(features)
         ids = catalogue.index.ids
         return [
             _Answer(row, p, labels, model, (similar, [ids[r] for r in rows]), catalogue.threshold)

@@ -12,7 +12,7 @@ from pathlib import Path
 from matcher.layout import OUTSIDE_DIR, RESERVED_PREFIX
 
 #: File name endings read as images (case does not matter).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".heic", ".heif")
 
 
 class DatasetError(ValueError):
@@ -72,6 +72,11 @@ def default_outside(root: Path) -> Path | None:
     """`root/_outside/` when the training folder has one."""
     folder = root / OUTSIDE_DIR
     return folder if folder.is_dir() else None
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The images directly in one label folder, sorted (hidden files skipped)."""
+    return _images_in(folder)
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from matcher.backends.base import FeatureExtractor
 from matcher.errors import InvalidImageError
-from matcher.images import ImageLimits, inspect_image
+from matcher.images import ImageLimits, for_graph, inspect_image
 from matcher.isolate import answer_each
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,11 @@ def _scan_one(index: int, path: Path, cache: FeatureCache | None, limits: ImageL
     if row is not None:
         return _Scanned(index, digest, row=row)
     try:
-        inspect_image(data, limits)
+        # The same bytes the server would send the graph (HEIC, WebP, turned photos rewritten).
+        prepared = for_graph(data, inspect_image(data, limits))
     except InvalidImageError as exc:
         return _Scanned(index, digest, error=str(exc))
-    return _Scanned(index, digest, data=data)
+    return _Scanned(index, digest, data=prepared)
 
 
 def _scan(

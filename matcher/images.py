@@ -1,24 +1,37 @@
-"""Checks on encoded images made from their headers, before anything is decoded.
+"""Checks on encoded images made from their headers, and the few rewritten before the graph.
 
 Decoding happens in the SavedModel's graph; here we only read enough of the file to refuse what
 must not reach it: non-images, unsupported formats, and dimensions that would make decoding
 expensive (a small PNG can declare 100000 x 100000 pixels).
+
+Two kinds of photo are rewritten first (`for_graph`), in serving and in training alike, so that
+both still share the graph's one decoder: HEIC (phone cameras) and WebP, which the graph cannot
+decode, and any photo whose EXIF orientation says it is stored turned. Pillow decodes them,
+turns them upright and re-encodes them as PNG, losslessly; every other photo reaches the graph
+byte for byte.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from matcher.errors import InvalidImageError
 from matcher.gif_frames import GifStructureError, largest_frame
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
-SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+GRAPH_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")
+#: Formats the graph cannot decode, transcoded to PNG first: HEIC/HEIF (pillow-heif) and WebP.
+TRANSCODED_FORMATS = ("HEIF", "WEBP")
+SUPPORTED_FORMATS = GRAPH_FORMATS + TRANSCODED_FORMATS
+#: EXIF's orientation tag; 1 is upright, 2-8 a flip and/or a turn to undo.
+_ORIENTATION = 0x0112
+_TURNED = range(2, 9)
 #: BMP pixel modes the decoder gets wrong: it reads palette indices as grey levels.
 _PALETTE_MODES = ("P", "1")
 
@@ -41,12 +54,47 @@ class ImageHeader:
     width: int
     height: int
     mode: str = ""
+    #: EXIF orientation (1: upright, or no tag).
+    orientation: int = 1
+
+    @property
+    def needs_rewrite(self) -> bool:
+        """Whether `for_graph` rewrites this photo (its format, or its orientation)."""
+        return self.format in TRANSCODED_FORMATS or self.orientation in _TURNED
 
 
 def load_image_readers() -> None:
     """Import every Pillow format plugin now (blocking, ~70 ms), not in the first request
     whose bytes no common format recognises."""
     Image.init()
+    _register_heif()
+
+
+@functools.cache
+def _register_heif() -> None:
+    """Teach Pillow HEIC/HEIF (once per process, before the first header is read)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
+def for_graph(data: bytes, header: ImageHeader) -> bytes:
+    """The bytes the graph should decode: `data` itself, or, for a HEIC or WebP photo or one
+    stored turned (EXIF orientation), its first frame upright as a PNG (blocking: a decode
+    and an encode; call it off an event loop)."""
+    if not header.needs_rewrite:
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # RGB, as the graph's decoder gives (channels=3 drops alpha and expands grey).
+            pixels = ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as exc:  # Pillow (and libheif) raise many kinds on damaged data
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, for the caller
+        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
+    buffer = io.BytesIO()
+    # Lossless, and the fastest level: the graph decodes it again at once.
+    pixels.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
@@ -59,7 +107,7 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
     header = _read_header(data)
     if header.format not in SUPPORTED_FORMATS:
         raise InvalidImageError(
-            f"unsupported image format {header.format}; send JPEG, PNG, GIF or BMP"
+            f"unsupported image format {header.format}; send JPEG, PNG, HEIC, WebP, GIF or BMP"
         )
     if header.format == "BMP" and header.mode in _PALETTE_MODES:
         raise InvalidImageError(
@@ -85,17 +133,28 @@ def _read_header(data: bytes) -> ImageHeader:
             # Pillow warns (and above twice its limit, raises) on huge declared sizes; the
             # limits below are ours and stricter, so only its hard error matters here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _register_heif()
             with Image.open(io.BytesIO(data)) as image:
                 fmt = image.format or "unknown"
-                return ImageHeader(fmt, image.width, image.height, image.mode)
+                return ImageHeader(fmt, image.width, image.height, image.mode, _orientation(image))
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image dimensions are far above the size limit: {exc}") from exc
     except Exception as exc:
         # Pillow tries every reader it has on unknown bytes, and some raise whatever they
         # raise (NotImplementedError, AttributeError, OverflowError): all mean "not an image".
         raise InvalidImageError(
-            f"bytes are not a recognised image ({len(data)} bytes); send JPEG, PNG, GIF or BMP"
+            f"bytes are not a recognised image ({len(data)} bytes); send JPEG, PNG, HEIC, WebP, "
+            "GIF or BMP"
         ) from exc
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, or 1 when there is none or the EXIF block cannot be read."""
+    try:
+        value = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still a photo
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def _check_size(header: ImageHeader, limits: ImageLimits) -> None:

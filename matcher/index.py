@@ -105,6 +105,36 @@ class CatalogueIndex:
         vectors = normalise(raw[order] - centre)
         return cls(vectors, [labels[i] for i in order], [ids[i] for i in order], centre)
 
+    def with_views(
+        self, features: np.ndarray, labels: Sequence[str], ids: Sequence[str]
+    ) -> CatalogueIndex:
+        """This index and more views (the backbone's features), centred on the same centre.
+
+        The centre stays the one of the original training, so that similarities of the views
+        already there do not move; an id that is already taken is refused."""
+        taken = sorted(set(ids) & set(self._row_of_id))
+        if taken:
+            raise ValueError(f"the index already holds views {taken[:3]}")
+        added = normalise(np.asarray(features, np.float32) - self.centre)
+        vectors = np.concatenate([self.vectors, added])
+        row_labels, all_ids = [*self.row_labels, *labels], [*self.ids, *ids]
+        order = np.argsort(np.asarray(row_labels), kind="stable")
+        return CatalogueIndex(
+            vectors[order], [row_labels[i] for i in order], [all_ids[i] for i in order], self.centre
+        )
+
+    def without_label(self, label: str) -> CatalogueIndex:
+        """This index with every view of `label` gone."""
+        keep = [row for row, name in enumerate(self.row_labels) if name != label]
+        if len(keep) == self.size:
+            raise ValueError(f"the index holds no label {label!r}")
+        return CatalogueIndex(
+            self.vectors[keep],
+            [self.row_labels[i] for i in keep],
+            [self.ids[i] for i in keep],
+            self.centre,
+        )
+
     @property
     def size(self) -> int:
         return len(self.row_labels)

@@ -181,9 +181,10 @@ class ModelWatcher:
 
     def _classifier_key(self) -> Hashable | None:
         """Sizes, times and inodes of the classifier file and its companions, or None."""
-        paths = [self._classifier_path] + [
-            self._classifier_path.parent / name for name in COMPANION_FILES
-        ]
+        # The classifier file, or a run folder (knn, prototype): its companions are inside.
+        path = self._classifier_path
+        run_dir = path if path.is_dir() else path.parent
+        paths = [path] + [run_dir / name for name in COMPANION_FILES]
         stamps: list[tuple[int, int, int] | None] = []
         for path in paths:
             try:

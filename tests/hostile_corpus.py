@@ -292,6 +292,14 @@ def exif_rotated_jpeg(_: Limits | None = None) -> bytes:
     return encode(photo(), "JPEG", quality=90, exif=exif.tobytes())
 
 
+def heic(image: Image.Image) -> bytes:
+    """`image` as HEIC, the format of iPhone cameras (pillow-heif's encoder)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return encode(image, "HEIF", quality=90)
+
+
 def plain_jpeg(_: Limits | None = None) -> bytes:
     """The same pixels and encoder settings as `exif_rotated_jpeg`, without EXIF."""
     return encode(photo(), "JPEG", quality=90)
@@ -495,11 +503,27 @@ CASES: tuple[Case, ...] = (
         "a valid JPEG not at offset 0 is not a JPEG file",
     ),
     Case("tiff_unsupported", lambda _: encode(photo(), "TIFF"), INVALID, "format not served"),
+    Case("webp_lossy", lambda _: encode(photo(), "WEBP", quality=80), OK, "transcoded to PNG"),
+    Case("webp_lossless", lambda _: encode(photo(), "WEBP", lossless=True), OK, "as above"),
     Case(
-        "webp_unsupported",
-        lambda _: encode(photo(), "WEBP"),
+        "webp_truncated",
+        lambda _: encode(photo(), "WEBP", quality=80)[:200],
         INVALID,
-        "format not served (TensorFlow could decode it; the contract lists four formats)",
+        "header readable, data cut: Pillow's decode fails in the rewrite",
+    ),
+    Case("heic_photo", lambda _: heic(photo()), OK, "a phone camera's format: transcoded"),
+    Case(
+        "heic_truncated",
+        lambda _: heic(photo())[: len(heic(photo())) // 2],
+        INVALID,
+        "cut in its image data",
+    ),
+    Case(
+        "heic_below_min_side",
+        lambda limits: heic(Image.new("RGB", (limits.min_side - 1, 40), "grey")),
+        INVALID,
+        "sizes are checked from the HEIF header, before the rewrite decodes anything (x265 "
+        "cannot encode one above the largest side, so the small side stands in)",
     ),
     Case(
         "dds_unknown_pixel_format",

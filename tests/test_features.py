@@ -272,3 +272,26 @@ def test_features_equal_the_backend_on_real_files(embedded_backend, tmp_path: Pa
     assert (first.computed, second.computed) == (len(images), 0)
     np.testing.assert_array_equal(second.features, first.features)
     assert list(second.rejected) == [truncated]
+
+
+def test_training_reads_phone_photos_as_the_server_does(tmp_path: Path, embedded_backend) -> None:
+    from matcher.images import ImageLimits, for_graph, inspect_image
+    from tests import hostile_corpus
+
+    files = {
+        "turned.jpg": hostile_corpus.exif_rotated_jpeg(),
+        "phone.heic": hostile_corpus.heic(hostile_corpus.photo()),
+        "web.webp": hostile_corpus.encode(hostile_corpus.photo(), "WEBP", quality=80),
+    }
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    found = extract_features(paths, embedded_backend, None, progress=False)
+    assert found.kept == [0, 1, 2] and not found.rejected
+    # The bytes the server's core sends the graph (matcher.core: inspect, then for_graph).
+    served = [for_graph(data, inspect_image(data, ImageLimits())) for data in files.values()]
+    np.testing.assert_allclose(found.features, embedded_backend.features(served), atol=1e-5)
+    # And the turned photo is read upright, not as stored.
+    stored = embedded_backend.features([files["turned.jpg"]])
+    assert np.abs(found.features[0] - stored[0]).max() > 1e-2

@@ -208,17 +208,30 @@ async def test_each_kind_gets_its_status_and_the_server_keeps_serving(
         assert scores == sorted(scores, reverse=True)
 
 
-async def test_exif_orientation_is_ignored_consistently(stub) -> None:
+async def test_exif_orientation_is_applied_before_the_graph(stub) -> None:
     rotated = corpus.exif_rotated_jpeg()
     with Image.open(io.BytesIO(rotated)) as image:
         assert image.getexif()[0x0112] == 6
-        upright = corpus.encode(ImageOps.exif_transpose(image), "JPEG", quality=90)
+        # What for_graph sends the graph: the decoded photo turned upright, as a PNG.
+        upright = corpus.encode(ImageOps.exif_transpose(image).convert("RGB"), "PNG")
+        stored = corpus.encode(image.convert("RGB"), "PNG")
     with_tag = await embed(stub, rotated)
-    without_tag = await embed(stub, corpus.plain_jpeg())
-    # The same pixels with or without the tag: orientation ignored...
-    np.testing.assert_allclose(with_tag, without_tag, atol=1e-5)
-    # ...and not secretly applied (the upright photo is a different input).
-    assert np.abs(with_tag - await embed(stub, upright)).max() > 1e-2
+    # The tag is obeyed: the features are those of the upright pixels...
+    np.testing.assert_allclose(with_tag, await embed(stub, upright), atol=1e-5)
+    # ...not of the pixels as stored, which the graph alone would have read.
+    assert np.abs(with_tag - await embed(stub, stored)).max() > 1e-2
+
+
+async def test_heic_and_webp_match_like_the_same_pixels_in_png(stub) -> None:
+    image = corpus.photo()
+    png = await embed(stub, corpus.encode(image, "PNG"))
+    np.testing.assert_allclose(
+        await embed(stub, corpus.encode(image, "WEBP", lossless=True)), png, atol=1e-5
+    )
+    # HEIC is lossy: close to the PNG's features, not equal.
+    heic = await embed(stub, corpus.heic(image))
+    cosine = float(heic @ png / (np.linalg.norm(heic) * np.linalg.norm(png)))
+    assert cosine > 0.95
 
 
 async def test_grayscale_bmp_is_decoded_like_its_24_bit_twin(stub) -> None:

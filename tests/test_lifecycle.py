@@ -169,6 +169,6 @@ async def test_client_reports_each_failure_on_one_line(target, tmp_path) -> None
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"client: error: {bad}: INVALID_ARGUMENT: bytes are not a recognised image (12 bytes); "
-        "send JPEG, PNG, GIF or BMP",
+        "send JPEG, PNG, HEIC, WebP, GIF or BMP",
         f"client: error: {tmp_path / 'missing.jpg'}: No such file or directory",
     ]

@@ -82,6 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--holdout", type=float, default=0.2, help="held-out share (0.2)")
     parser.add_argument(
+        "--matcher",
+        # train.pipeline.MATCHERS, spelt out to keep --help quick.
+        choices=("svm", "knn", "prototype"),
+        default="svm",
+        help="svm (default): the grid-searched SVM ranks the labels; knn: the label of the "
+        "nearest view; prototype: the nearest label mean. knn and prototype rank by the index "
+        "alone: serve the run folder (--classifier FOLDER)",
+    )
+    parser.add_argument(
         "--outside",
         type=Path,
         help="photos of things outside the catalogue, to measure the no-match threshold's false "
@@ -119,9 +128,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_edit_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train add|remove",
+        description="Add an item to, or remove one from, a knn or prototype catalogue, without "
+        "retraining; a server watching the run folder picks the change up by hot reload.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="add DATA/<label>/ (its photos) as item <label>")
+    add.add_argument("folder", type=Path, metavar="DATA/LABEL", help="the new item's photos")
+    remove = commands.add_parser("remove", help="remove every view of LABEL")
+    remove.add_argument("label", metavar="LABEL")
+    for command in (add, remove):
+        command.add_argument(
+            "--run",
+            type=Path,
+            default=Path("models/classifiers") / Path(_default("model_dir")).name,
+            help="the run folder to change (%(default)s)",
+        )
+    add.add_argument(
+        "--model-dir",
+        type=Path,
+        help="SavedModel base path (default: the one the run was trained with)",
+    )
+    add.add_argument("--cache-dir", type=Path, default=Path("cache/features"))
+    return parser.parse_args(argv)
+
+
+def edit_main(argv: list[str]) -> int:
+    """`python -m train add DATA/LABEL` and `python -m train remove LABEL`."""
+    args = parse_edit_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from matcher.dataset import DatasetError
+    from matcher.errors import MatcherError
+    from train.edit import add_item, remove_item
+
+    try:
+        if args.command == "remove":
+            done = remove_item(args.run, args.label)
+            print(f"removed {done.views} views of {done.label}; {done.total_views} views left")
+            return 0
+        from matcher.classifier import read_run_report
+        from matcher.factory import make_backend
+
+        trained = read_run_report(args.run).get("backbone", {}).get("model_dir")
+        model_dir = args.model_dir or (Path(trained) if trained else _default("model_dir"))
+        backend = make_backend(BackendSettings(backend="embedded", model_dir=model_dir))
+        done = add_item(args.run, args.folder, backend, args.cache_dir)
+    except (DatasetError, MatcherError, OSError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    for path, why in done.rejected.items():
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"added {done.views} views of {done.label}; {done.total_views} views in the catalogue")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter is not ours to show; TF_CPP_MIN_LOG_LEVEL=0 shows it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["add"], ["remove"]):
+        return edit_main(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter
@@ -155,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         format=args.format,
         search=args.search,
         outside=args.outside,
+        matcher=args.matcher,
     )
     try:
         backend = make_backend(settings) if args.features == "cnn" else _hog_backend()

@@ -120,7 +120,8 @@ def decode_gray(data: bytes, size: int) -> np.ndarray:
             # The same formats as the CNN path's in-graph decoder, so both see the same data set.
             if image.format not in SUPPORTED_FORMATS:
                 raise InvalidImageError(
-                    f"unsupported image format {image.format}; send JPEG, PNG, GIF or BMP"
+                    f"unsupported image format {image.format}; "
+                    "send JPEG, PNG, HEIC, WebP, GIF or BMP"
                 )
             image.load()  # first frame only: Image.open starts on frame 0 of a GIF
             # BILINEAR in Pillow is antialiased when shrinking, like the CNN path's resize.

@@ -18,10 +18,10 @@ from sklearn.model_selection import train_test_split
 
 from integrity.manifest import write_manifest
 from matcher.backends.base import FeatureExtractor
-from matcher.classifier import file_sha256
+from matcher.classifier import INDEX_MATCHERS, file_sha256
 from matcher.dataset import DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
-from matcher.index import CatalogueIndex
+from matcher.index import CatalogueIndex, normalise
 from matcher.layout import (
     CLASSIFIER_FILES,
     DEFAULT_FORMAT,
@@ -42,6 +42,9 @@ from train.report import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The matchers `train --matcher` offers.
+MATCHERS = ("svm", *INDEX_MATCHERS)
 
 #: Where extraction streams the features while it runs (hidden; unlinked once mapped).
 STREAM_FILE = f".{FEATURES_FILE}.extracting.npy"
@@ -73,6 +76,9 @@ class TrainConfig:
     outside: Path | None = None
     #: Correct matches the no-match threshold may reject on the held-out split.
     target_false_reject: float = TARGET_FALSE_REJECT
+    #: "svm" (the grid-searched SVM ranks), "knn" (the nearest view's label) or "prototype"
+    #: (the nearest label mean); the last two rank by the index alone, with no classifier file.
+    matcher: str = "svm"
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     """Run the whole training and write the classifier, its report and manifest under `out`."""
     if config.format not in CLASSIFIER_FILES:
         raise ValueError(f"unknown classifier format {config.format!r}")
+    if config.matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {config.matcher!r}; choose one of {MATCHERS}")
     dataset = discover(config.data)
     if not backend.ready:
         backend.load()
@@ -107,12 +115,16 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
     started = time.perf_counter()
-    search = grid_search(
-        x_train, y_train, config.folds, config.jobs, config.seed, strategy=config.search
-    )
+    search = None
+    if config.matcher == "svm":
+        search = grid_search(
+            x_train, y_train, config.folds, config.jobs, config.seed, strategy=config.search
+        )
+        predicted = list(search.predict(x_test))
+    else:
+        predicted = index_predictions(config.matcher, x_train, y_train, x_test)
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
-    predicted = list(search.predict(x_test))
     holdout = holdout_metrics(names, y_test, predicted)
     ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
     no_match = _calibrate(
@@ -120,8 +132,7 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     )
     # Staged under a temporary name and put in place only next to the manifest (below): a
     # server watching this folder never sees a new classifier beside an old manifest.
-    staged = _stage(search.best_estimator_, config.out, config.format)
-    sha256 = file_sha256(staged)
+    staged = _stage(search.best_estimator_, config.out, config.format) if search else None
     save_features(
         config.out / FEATURES_FILE,
         extraction.features,
@@ -132,8 +143,10 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     # Every kept view is a reference: the held-out ones were only held out to measure.
     CatalogueIndex.build(extraction.features, labels, ids).save(config.out / INDEX_FILE)
     write_thumbnails(config.out, kept_paths, ids)
+    # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
+    sha256 = file_sha256(staged if staged else config.out / INDEX_FILE)
     baselines = None
-    if config.baselines:
+    if config.baselines and search is not None:
         # Imported only when asked for: HoG pulls in scikit-image.
         from train.baselines import BaselineOptions, compare_methods
 
@@ -155,24 +168,49 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         backbone=info,
         backend=backend.kind,
         # + how the search ran: strategy, samples searched, folds, calibration folds.
-        search=search_summary(search, seconds) | search.plan.as_dict(),
+        search=search_summary(search, seconds) | search.plan.as_dict()
+        if search
+        else {"seconds": round(seconds, 2)},
         holdout=holdout,
-        classifier_file=config.out / CLASSIFIER_FILES[config.format],
+        classifier_file=config.out / (CLASSIFIER_FILES[config.format] if search else INDEX_FILE),
         classifier_sha256=sha256,
-        classifier_type="CalibratedClassifierCV(SVC)",
+        classifier_type="CalibratedClassifierCV(SVC)" if search else INDEX_MATCHERS[config.matcher],
         model_dir=config.model_dir,
     )
+    report["matcher"] = config.matcher
     report["index"] = {"file": INDEX_FILE, "views": len(ids), "references": REFERENCES_DIR}
     report["no_match"] = no_match.as_dict()
     if baselines is not None:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
     write_report(report, report_path)
-    classifier_path = _publish(staged, config.out, config.format)
+    # For knn and prototype the run folder is what the server loads (--classifier FOLDER).
+    classifier_path = _publish(staged, config.out, config.format) if staged else config.out
+    if staged is None:
+        _remove_classifier_files(config.out)
     # Last: it vouches for every file above (the HTML report/ drawn later is not covered).
     write_manifest(config.out, tool="train", kind="classifier")
-    _print_summary(report, holdout, best_params(search))
+    _print_summary(report, holdout, best_params(search) if search else None)
     return TrainResult(classifier_path, report_path, report)
+
+
+def index_predictions(
+    matcher: str, x_train: np.ndarray, y_train: list[str], x_test: np.ndarray
+) -> list[str]:
+    """The held-out labels an index matcher picks from the training views alone."""
+    seen = CatalogueIndex.build(x_train, y_train, [str(i) for i in range(len(y_train))])
+    if matcher == "knn":
+        best = seen.search(x_test).similarity.argmax(axis=1)
+    else:
+        centred = normalise(np.asarray(x_test, np.float32) - seen.centre)
+        best = (centred @ seen.prototypes().T).argmax(axis=1)
+    return [seen.labels[i] for i in best]
+
+
+def _remove_classifier_files(out: Path) -> None:
+    """An earlier svm run's file would outlive the index it no longer matches."""
+    for name in CLASSIFIER_FILES.values():
+        (out / name).unlink(missing_ok=True)
 
 
 def _calibrate(
@@ -270,12 +308,17 @@ def _publish(staged: Path, out: Path, file_format: str) -> Path:
     return path
 
 
-def _print_summary(report: dict[str, Any], holdout: dict[str, Any], params: dict) -> None:
+def _print_summary(
+    report: dict[str, Any], holdout: dict[str, Any], params: dict[str, object] | None
+) -> None:
     search = report["search"]
-    print(
-        f"best parameters: {params} (CV accuracy {search['best_cv_accuracy']:.3f}, "
-        f"{search['folds']}-fold, {search['seconds']:.1f} s)"
-    )
+    if params is None:
+        print(f"matcher: {report['matcher']} (held-out photos ranked by the training views)")
+    else:
+        print(
+            f"best parameters: {params} (CV accuracy {search['best_cv_accuracy']:.3f}, "
+            f"{search['folds']}-fold, {search['seconds']:.1f} s)"
+        )
     print("confusion matrix on the held-out split:")
     print(format_confusion(holdout["labels"], holdout["confusion_matrix"]))
     print("classification report on the held-out split:")

@@ -1,0 +1,129 @@
+"""Add or remove a catalogue item without retraining: `python -m train add|remove`.
+
+Only for runs whose matcher ranks by the index alone (`--matcher knn` or `prototype`): the new
+item's photos go through the same backbone and preprocessing, their features join the index
+(centred on the original training's centre, so the views already there keep their
+similarities), their thumbnails join `references/`, and the report and, last, the manifest are
+rewritten. A server watching the folder swaps the new catalogue in by hot reload; until the
+manifest is rewritten it refuses the half-changed folder and keeps serving the old one. The
+no-match threshold stays the one calibrated at training.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from integrity.manifest import IntegrityError, verify, write_manifest
+from matcher.backends.base import FeatureExtractor
+from matcher.catalogue import load_catalogue
+from matcher.classifier import INDEX_MATCHERS, read_run_report
+from matcher.dataset import DatasetError, images_in
+from matcher.extraction import FeatureCache, extract_features
+from matcher.index import CatalogueIndex
+from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE
+from train.references import write_thumbnail
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What an add or a remove did."""
+
+    label: str
+    views: int
+    total_views: int
+    rejected: dict[str, str]
+
+
+def add_item(
+    run: Path, folder: Path, backend: FeatureExtractor, cache_dir: Path | None = None
+) -> Edit:
+    """Add the photos in `folder` as the item named after it (or more views of that item)."""
+    report, index = _open(run)
+    label = folder.name
+    paths = images_in(folder) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(f"{folder} holds no images to add (.jpg, .png, .heic, ...)")
+    if not backend.ready:
+        backend.load()
+    _check_backbone(report, backend)
+    cache = FeatureCache(cache_dir, backend.info.cache_key) if cache_dir else None
+    found = extract_features(paths, backend, cache, progress=False)
+    kept = [paths[i] for i in found.kept]
+    if not kept:
+        raise DatasetError(f"no photo in {folder} could be read: {found.rejected}")
+    ids = [f"{label}/{path.name}" for path in kept]
+    try:
+        grown = index.with_views(found.features, [label] * len(kept), ids)
+    except ValueError as exc:
+        raise DatasetError(f"{exc}: rename the photos, or remove {label!r} first") from exc
+    for path, reference in zip(kept, ids, strict=True):
+        write_thumbnail(run, path, reference)
+    _commit(run, report, grown, f"added {len(kept)} views of {label}")
+    rejected = {str(path): why for path, why in found.rejected.items()}
+    return Edit(label, len(kept), grown.size, rejected)
+
+
+def remove_item(run: Path, label: str) -> Edit:
+    """Remove every view of `label` from the catalogue."""
+    report, index = _open(run)
+    try:
+        smaller = index.without_label(label)
+    except ValueError as exc:
+        raise DatasetError(f"{exc} in {run}") from exc
+    if len(smaller.labels) < 2:
+        raise DatasetError(f"removing {label!r} would leave fewer than 2 items in {run}")
+    removed = index.size - smaller.size
+    shutil.rmtree(run / REFERENCES_DIR / label, ignore_errors=True)
+    _commit(run, report, smaller, f"removed {removed} views of {label}")
+    return Edit(label, removed, smaller.size, {})
+
+
+def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex]:
+    report = read_run_report(run)
+    matcher = report.get("matcher", "svm")
+    if matcher not in INDEX_MATCHERS:
+        raise DatasetError(
+            f"{run} was trained with --matcher {matcher}, whose classifier must be retrained "
+            f"to learn another item; train with --matcher knn or prototype to add and remove"
+        )
+    try:
+        manifest = verify(run, "classifier")
+    except IntegrityError as exc:
+        raise DatasetError(f"{exc}; refusing to edit the catalogue") from exc
+    catalogue = load_catalogue(run, manifest, report)
+    if catalogue is None:
+        raise DatasetError(f"{run} has no {INDEX_FILE}")
+    return report, catalogue.index
+
+
+def _check_backbone(report: dict[str, Any], backend: FeatureExtractor) -> None:
+    trained = report.get("backbone", {})
+    served = backend.info
+    if (trained.get("name"), trained.get("version")) != (served.name, served.version):
+        raise DatasetError(
+            f"the catalogue was built on {trained.get('name')} version {trained.get('version')}, "
+            f"the backend serves {served.name} version {served.version}: features would not "
+            "compare (pass the --model-dir the run was trained with)"
+        )
+
+
+def _commit(run: Path, report: dict[str, Any], index: CatalogueIndex, what: str) -> None:
+    """Index, then report, then (last) the manifest that vouches for both."""
+    index.save(run / INDEX_FILE)
+    digest = hashlib.sha256((run / INDEX_FILE).read_bytes()).hexdigest()
+    report["classifier"]["sha256"] = digest
+    report["index"]["views"] = index.size
+    report["data"]["counts"] = {label: index.row_labels.count(label) for label in index.labels}
+    report.setdefault("edits", []).append(
+        {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "what": what}
+    )
+    tmp = run / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run / REPORT_FILE)
+    write_manifest(run, tool="train", kind="classifier")
