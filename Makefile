@@ -12,7 +12,11 @@ WEIGHTS ?= imagenet
 MODELS ?= models/backbones
 MODEL_DIR := $(MODELS)/$(BACKBONE)
 CLASSIFIER_DIR ?= models/classifiers/$(BACKBONE)
-CLASSIFIER := $(CLASSIFIER_DIR)/classifier.skops
+# The run folder is what is served, whichever matcher trained it (svm, knn, prototype); its
+# manifest, written last, marks a finished training.
+CLASSIFIER := $(CLASSIFIER_DIR)
+TRAINED := $(CLASSIFIER_DIR)/manifest.json
+MATCHER ?= svm
 DEMO := data/demo
 DATA ?= $(DEMO)/train
 IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
@@ -25,7 +29,7 @@ help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
 	@echo "make test     run the test suite"
 	@echo "make export   BACKBONE=... WEIGHTS=imagenet|PATH|random"
-	@echo "make train    DATA=folder-of-label-folders (writes the classifier and its HTML report)"
+	@echo "make train    DATA=folder-of-label-folders [MATCHER=svm|knn|prototype] (the run folder and its HTML report)"
 	@echo "make report   [RUN=models/classifiers/$(BACKBONE)] [REPORT_IMAGE=photo.jpg]: redraw the report"
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
@@ -57,18 +61,18 @@ demo: $(INSTALLED)
 
 train: export
 	$(if $(filter $(DEMO)/train,$(DATA)),$(MAKE) demo)
-	$(PY) -m train $(DATA) --out $(CLASSIFIER_DIR) --model-dir $(MODEL_DIR)
+	$(PY) -m train $(DATA) --out $(CLASSIFIER_DIR) --model-dir $(MODEL_DIR) --matcher $(MATCHER)
 
 RUN ?= $(CLASSIFIER_DIR)
 report: $(INSTALLED)
 	$(PY) -m train.visual_report $(RUN) $(if $(REPORT_IMAGE),--image $(REPORT_IMAGE))
 
 # The demo classifier is trained only when none exists for this backbone.
-$(CLASSIFIER):
+$(TRAINED):
 	$(MAKE) train DATA=$(DEMO)/train
 
 run: export
-	$(MAKE) $(CLASSIFIER)
+	$(MAKE) $(TRAINED)
 	$(MAKE) serve
 
 serve: $(INSTALLED)
@@ -95,7 +99,7 @@ format: $(INSTALLED)
 # ImageNet weights cannot be downloaded here). Figures go to build/bench-*.json.
 BENCH_MODELS := build/bench-models
 bench: export demo
-	$(MAKE) $(CLASSIFIER)
+	$(MAKE) $(TRAINED)
 	mkdir -p build
 	$(PY) -m export --backbone inception_v3 --weights random --base-path $(BENCH_MODELS)/fp32 --if-missing
 	$(PY) -m export --backbone inception_v3 --weights random --precision bf16 \
@@ -115,7 +119,7 @@ bench: export demo
 # Steady load on a matcher process; fails on any error or on RSS growth above 5 % after warm-up.
 SOAK_S ?= 1200
 soak: export demo
-	$(MAKE) $(CLASSIFIER)
+	$(MAKE) $(TRAINED)
 	mkdir -p build
 	$(PY) -m bench.soak --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --duration-s $(SOAK_S) --json build/bench-soak.json
