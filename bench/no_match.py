@@ -12,9 +12,10 @@ folders: 8 objects the catalogue does not hold) with each candidate score:
 * `prototype`: cosine similarity to the nearest label mean (centred).
 
 For each it prints the separation (AUC: the chance that a catalogue photo scores above an
-outside one) and the share of outside photos accepted at the threshold that rejects 2 % of the
-correctly ranked catalogue photos, with and without the outside cat (another cat than the
-catalogue's `chelsea`, the hardest negative).
+outside one) and the share of outside photos accepted at the threshold that rejects at most 2 %
+of the correctly ranked catalogue photos (`matcher.calibration.calibrate`, the rule `train`
+uses), with and without the outside cat (another cat than the catalogue's `chelsea`, the
+hardest negative).
 
     .venv/bin/python -m bench.no_match --model-dir models/backbones/efficientnet_lite0 \\
         [--train-views 40] [--json build/bench-no-match.json]
@@ -32,9 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from matcher.backends.base import FeatureExtractor
+from matcher.calibration import TARGET_FALSE_REJECT, calibrate
 from matcher.settings import CoreSettings
-
-TARGET_FALSE_REJECT = 0.02
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,14 +68,14 @@ def candidate_scores(
     train: np.ndarray, labels: list[str], queries: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Score name -> (score, top label index) per query."""
-    from matcher.index import CatalogueIndex, normalise
+    from matcher.index import CatalogueIndex
 
     ids = [str(i) for i in range(len(labels))]
     centred = CatalogueIndex.build(train, labels, ids)
     raw = CatalogueIndex.build(train, labels, ids, centre=np.zeros(train.shape[1], np.float32))
     best = centred.search(queries).similarity
     ordered = np.sort(best, axis=1)
-    prototypes = normalise(queries - centred.centre) @ centred.prototypes().T
+    prototypes = centred.prototype_similarity(queries)
     raw_best = raw.search(queries).similarity
     return {
         "nearest": (raw_best.max(axis=1), raw_best.argmax(axis=1)),
@@ -86,11 +86,12 @@ def candidate_scores(
 
 
 def separation(positives: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
-    threshold = float(np.quantile(positives, TARGET_FALSE_REJECT))
+    calibration = calibrate(positives, negatives, TARGET_FALSE_REJECT)
+    assert calibration.false_accept_rate is not None  # there are outside photos
     return {
         "auc": float(np.mean(positives[:, None] > negatives[None, :])),
-        "threshold": threshold,
-        "false_accept": float(np.mean(negatives >= threshold)),
+        "threshold": calibration.threshold,
+        "false_accept": calibration.false_accept_rate,
     }
 
 

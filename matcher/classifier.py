@@ -38,7 +38,7 @@ from integrity.manifest import (
 from matcher.catalogue import Catalogue, load_catalogue
 from matcher.errors import ModelLoadError
 from matcher.fast_proba import compile_probabilities
-from matcher.index import Neighbours, normalise
+from matcher.index import Neighbours
 from matcher.layout import INDEX_FILE, REPORT_FILE
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,8 @@ class Classifier:
         if self.matcher == "knn" and neighbours is not None:
             return softmax(neighbours.similarity / TEMPERATURE), neighbours
         if self.matcher == "prototype" and self.catalogue is not None:
-            index = self.catalogue.index
-            similarity = normalise(np.asarray(features, np.float32) - index.centre)
-            return softmax(similarity @ index.prototypes().T / TEMPERATURE), neighbours
+            similarity = self.catalogue.index.prototype_similarity(features)
+            return softmax(similarity / TEMPERATURE), neighbours
         return self.probabilities(features), neighbours
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:

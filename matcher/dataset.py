@@ -43,7 +43,7 @@ def discover(root: Path) -> Dataset:
     paths: list[Path] = []
     labels: list[str] = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _reserved(p)):
-        images = _images_in(label_dir)
+        images = images_in(label_dir)
         paths.extend(images)
         labels.extend([label_dir.name] * len(images))
     dataset = Dataset(root, paths, labels)
@@ -76,10 +76,6 @@ def default_outside(root: Path) -> Path | None:
 
 def images_in(folder: Path) -> list[Path]:
     """The images directly in one label folder, sorted (hidden files skipped)."""
-    return _images_in(folder)
-
-
-def _images_in(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()

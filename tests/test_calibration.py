@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.calibration import calibrate
+from matcher.calibration import calibrate
 
 
 def test_the_threshold_rejects_at_most_the_target_share_of_matches() -> None:

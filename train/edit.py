@@ -12,17 +12,15 @@ no-match threshold stays the one calibrated at training.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from integrity.manifest import IntegrityError, verify, write_manifest
+from integrity.manifest import file_sha256, write_manifest
 from matcher.backends.base import FeatureExtractor
-from matcher.catalogue import load_catalogue
-from matcher.classifier import INDEX_MATCHERS, read_run_report
+from matcher.classifier import INDEX_MATCHERS, Classifier, read_run_report
 from matcher.dataset import DatasetError, images_in
 from matcher.extraction import FeatureCache, extract_features
 from matcher.index import CatalogueIndex
@@ -92,13 +90,9 @@ def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex]:
             f"{run} was trained with --matcher {matcher}, whose classifier must be retrained "
             f"to learn another item; train with --matcher knn or prototype to add and remove"
         )
-    try:
-        manifest = verify(run, "classifier")
-    except IntegrityError as exc:
-        raise DatasetError(f"{exc}; refusing to edit the catalogue") from exc
-    catalogue = load_catalogue(run, manifest, report)
-    if catalogue is None:
-        raise DatasetError(f"{run} has no {INDEX_FILE}")
+    # Loaded as the server loads it: verified against the manifest, the index checked.
+    catalogue = Classifier.load(run).catalogue
+    assert catalogue is not None  # an index matcher refuses to load without one
     return report, catalogue.index
 
 
@@ -116,8 +110,7 @@ def _check_backbone(report: dict[str, Any], backend: FeatureExtractor) -> None:
 def _commit(run: Path, report: dict[str, Any], index: CatalogueIndex, what: str) -> None:
     """Index, then report, then (last) the manifest that vouches for both."""
     index.save(run / INDEX_FILE)
-    digest = hashlib.sha256((run / INDEX_FILE).read_bytes()).hexdigest()
-    report["classifier"]["sha256"] = digest
+    report["classifier"]["sha256"] = file_sha256(run / INDEX_FILE)
     report["index"]["views"] = index.size
     report["data"]["counts"] = {label: index.row_labels.count(label) for label in index.labels}
     report.setdefault("edits", []).append(

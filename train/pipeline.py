@@ -18,10 +18,11 @@ from sklearn.model_selection import train_test_split
 
 from integrity.manifest import write_manifest
 from matcher.backends.base import FeatureExtractor
+from matcher.calibration import TARGET_FALSE_REJECT, NoMatchCalibration, calibrate
 from matcher.classifier import INDEX_MATCHERS, file_sha256
 from matcher.dataset import DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
-from matcher.index import CatalogueIndex, normalise
+from matcher.index import CatalogueIndex, Neighbours
 from matcher.layout import (
     CLASSIFIER_FILES,
     DEFAULT_FORMAT,
@@ -31,7 +32,6 @@ from matcher.layout import (
     REPORT_FILE,
 )
 from matcher.svm import best_params, grid_search
-from train.calibration import TARGET_FALSE_REJECT, NoMatchCalibration, calibrate
 from train.references import write_thumbnails
 from train.report import (
     build_report,
@@ -114,6 +114,10 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     x_train, x_test = extraction.features[train_idx], extraction.features[test_idx]
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
+    ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
+    # The training views alone: what held-out (and outside) photos are measured against.
+    seen = CatalogueIndex.build(x_train, y_train, [ids[i] for i in train_idx])
+    held_out = seen.search(x_test)
     started = time.perf_counter()
     search = None
     if config.matcher == "svm":
@@ -122,14 +126,12 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         )
         predicted = list(search.predict(x_test))
     else:
-        predicted = index_predictions(config.matcher, x_train, y_train, x_test)
+        predicted = index_predictions(config.matcher, seen, x_test, held_out)
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
     holdout = holdout_metrics(names, y_test, predicted)
-    ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
-    no_match = _calibrate(
-        extraction.features, labels, ids, train_idx, test_idx, predicted, backend, cache, config
-    )
+    correct = np.array(predicted) == np.array(y_test)
+    no_match = _calibrate(seen, held_out, correct, backend, cache, config)
     # Staged under a temporary name and put in place only next to the manifest (below): a
     # server watching this folder never sees a new classifier beside an old manifest.
     staged = _stage(search.best_estimator_, config.out, config.format) if search else None
@@ -195,15 +197,14 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
 
 
 def index_predictions(
-    matcher: str, x_train: np.ndarray, y_train: list[str], x_test: np.ndarray
+    matcher: str, seen: CatalogueIndex, x_test: np.ndarray, held_out: Neighbours
 ) -> list[str]:
-    """The held-out labels an index matcher picks from the training views alone."""
-    seen = CatalogueIndex.build(x_train, y_train, [str(i) for i in range(len(y_train))])
+    """The held-out labels an index matcher picks from the training views (`seen`);
+    `held_out` is `seen.search(x_test)`."""
     if matcher == "knn":
-        best = seen.search(x_test).similarity.argmax(axis=1)
+        best = held_out.similarity.argmax(axis=1)
     else:
-        centred = normalise(np.asarray(x_test, np.float32) - seen.centre)
-        best = (centred @ seen.prototypes().T).argmax(axis=1)
+        best = seen.prototype_similarity(x_test).argmax(axis=1)
     return [seen.labels[i] for i in best]
 
 
@@ -214,22 +215,16 @@ def _remove_classifier_files(out: Path) -> None:
 
 
 def _calibrate(
-    features: np.ndarray,
-    labels: list[str],
-    ids: list[str],
-    train_idx: np.ndarray,
-    test_idx: np.ndarray,
-    predicted: list[str],
+    seen: CatalogueIndex,
+    held_out: Neighbours,
+    correct: np.ndarray,
     backend: FeatureExtractor,
     cache: FeatureCache | None,
     config: TrainConfig,
 ) -> NoMatchCalibration:
-    """The no-match threshold: held-out photos (and outside ones) against the training views."""
-    seen = CatalogueIndex.build(
-        features[train_idx], [labels[i] for i in train_idx], [ids[i] for i in train_idx]
-    )
-    nearest = seen.search(features[test_idx]).similarity.max(axis=1)
-    correct = np.array([labels[i] == p for i, p in zip(test_idx, predicted, strict=True)])
+    """The no-match threshold: held-out photos (`held_out`, searched in `seen`, the training
+    views; `correct` where the matcher ranked them right) and outside ones."""
+    nearest = held_out.similarity.max(axis=1)
     outside_dir = config.outside or default_outside(config.data)
     outside_scores = np.zeros(0)
     if outside_dir is not None:

@@ -1,5 +1,8 @@
 """The "no match" threshold, set on photos the matcher never saw during training.
 
+`train` calibrates every run with it, and `bench/no_match.py` compares candidate scores with
+the same rule, so the benchmark's figures are those a training would record.
+
 The score is the cosine similarity between a photo and its nearest reference view in the whole
 catalogue (`matcher.index`, centred features): how close the photo comes to anything the
 catalogue holds, whichever matcher ranks the labels. On the demo catalogue it separated
