@@ -16,7 +16,7 @@ CLASSIFIER_DIR ?= models/classifiers/$(BACKBONE)
 # manifest, written last, marks a finished training.
 CLASSIFIER := $(CLASSIFIER_DIR)
 TRAINED := $(CLASSIFIER_DIR)/manifest.json
-MATCHER ?= svm
+MATCHER ?= knn
 DEMO := data/demo
 DATA ?= $(DEMO)/train
 IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
@@ -29,12 +29,12 @@ help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
 	@echo "make test     run the test suite"
 	@echo "make export   BACKBONE=... WEIGHTS=imagenet|PATH|random"
-	@echo "make train    DATA=folder-of-label-folders [MATCHER=svm|knn|prototype] (the run folder and its HTML report)"
+	@echo "make train    DATA=folder-of-label-folders [MATCHER=knn|prototype|svm] (the run folder and its HTML report)"
 	@echo "make report   [RUN=models/classifiers/$(BACKBONE)] [REPORT_IMAGE=photo.jpg]: redraw the report"
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
-	@echo "make bench    (about 45 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time"
+	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -110,6 +110,7 @@ bench: export demo
 		--model-dir $(MODEL_DIR) --model-dir $(BENCH_MODELS)/bf16/efficientnet_lite0
 	$(PY) -m bench.precision --json build/bench-precision.json
 	$(PY) -m bench.no_match --model-dir $(MODEL_DIR) --json build/bench-no-match.json
+	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --json build/bench-quality.json
 	$(PY) -m bench.phone_photos --json build/bench-phone-photos.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \

@@ -3,8 +3,12 @@
 A model call on 16 images costs far less than 16 calls on one, so requests that arrive while
 the model is busy wait in a queue and go together in the next call. The queue is drained
 greedily: a request that finds the model idle runs at once (no added latency at low load), and
-under load each call takes up to `max_batch_size` waiting requests. `timeout_s` optionally
+under load each call takes up to `max_batch_size` waiting images. `timeout_s` optionally
 holds a call back to let a batch fill, as TF Serving's `batch_timeout_micros` does.
+
+A request may bring several images (the views of one photo: `matcher.views`); they always go
+in the same model call, and requests join a call only while their images fit in it (a request
+with more than `max_batch_size` images runs alone).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ BatchFn = Callable[[Sequence[bytes]], Sequence[Any]]
 class BatchingOptions:
     """Like TF Serving's batching parameters."""
 
+    #: Most images in one model call.
     max_batch_size: int = 32
     #: How long a call may wait for more requests before it runs; 0 runs at once.
     timeout_s: float = 0.0
@@ -41,8 +46,9 @@ class BatchingOptions:
 
 @dataclass(eq=False)  # compared by identity: a caller that gives up removes its own entry
 class _Pending:
-    image: bytes
-    future: asyncio.Future[Any]
+    images: Sequence[bytes]
+    #: One answer per image, in order.
+    future: asyncio.Future[list[Any]]
 
 
 class DynamicBatcher:
@@ -63,13 +69,21 @@ class DynamicBatcher:
 
     async def features(self, image: bytes) -> Any:
         """The answer for one image (what `run_batch` gives per image), computed in a batch."""
+        return (await self.features_of_views([image]))[0]
+
+    async def features_of_views(self, images: Sequence[bytes]) -> list[Any]:
+        """The answers for the views of one request, all computed in the same model call.
+
+        An invalid view fails the request (InvalidImageError), as an invalid image does."""
+        if not images:
+            raise ValueError("a request needs at least one image")
         self._ensure_worker()
         if len(self._queue) >= self._options.max_queue:
             raise OverloadedError(
                 f"server overloaded: {self._options.max_queue} requests are already waiting "
                 "for the model; retry later"
             )
-        pending = _Pending(image, asyncio.get_running_loop().create_future())
+        pending = _Pending(images, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._arrived.set()
         try:
@@ -108,9 +122,13 @@ class DynamicBatcher:
         while not self._queue:
             await self._wait_for_arrival(None)
         batch = [self._queue.popleft()]
+        size = len(batch[0].images)
         deadline = time.monotonic() + self._options.timeout_s
-        while len(batch) < self._options.max_batch_size:
+        while size < self._options.max_batch_size:
             if self._queue:
+                if size + len(self._queue[0].images) > self._options.max_batch_size:
+                    break  # the next request's views go together, in the next call
+                size += len(self._queue[0].images)
                 batch.append(self._queue.popleft())
                 continue
             remaining = deadline - time.monotonic()
@@ -131,22 +149,27 @@ class DynamicBatcher:
         return True
 
     async def _run(self, batch: list[_Pending]) -> None:
-        self.batch_sizes.append(len(batch))
-        metrics.BATCH_SIZE.observe(len(batch))
+        images = [image for pending in batch for image in pending.images]
+        self.batch_sizes.append(len(images))
+        metrics.BATCH_SIZE.observe(len(images))
         try:
             # One undecodable image fails the whole call; answer_each finds it by halving, and
             # its caller alone hears why.
-            rows = await asyncio.to_thread(answer_each, self._run_batch, [p.image for p in batch])
+            rows = await asyncio.to_thread(answer_each, self._run_batch, images)
         except Exception as exc:  # every waiter hears what went wrong
             _fail(batch, exc)
             return
-        for pending, row in zip(batch, rows, strict=True):  # answer_each checks the count
+        start = 0
+        for pending in batch:  # answer_each checks the count
+            answers = list(rows[start : start + len(pending.images)])
+            start += len(pending.images)
             if pending.future.done():
                 continue
-            if isinstance(row, InvalidImageError):
-                pending.future.set_exception(row)
+            invalid = next((row for row in answers if isinstance(row, InvalidImageError)), None)
+            if invalid is not None:
+                pending.future.set_exception(invalid)
             else:
-                pending.future.set_result(row)
+                pending.future.set_result(answers)
 
 
 def _fail(batch: list[_Pending], exc: Exception) -> None:

@@ -16,7 +16,7 @@ from integrity.manifest import Manifest
 from matcher.domain import Reference
 from matcher.errors import ModelLoadError, NotFoundError
 from matcher.index import CatalogueIndex
-from matcher.layout import INDEX_FILE, REFERENCES_DIR, thumbnail_path
+from matcher.layout import INDEX_FILE, REFERENCES_DIR, photo_of, thumbnail_path
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,20 @@ class Catalogue:
 
     index: CatalogueIndex
     folder: Path
-    #: The threshold train calibrated (report.json's no_match), or None.
-    threshold: float | None
+    #: The thresholds train calibrated, by views mode (`matcher.views`); empty without any.
+    thresholds: dict[str, float]
     #: sha256 of every thumbnail, by reference id, as the manifest records them.
     thumbnails: dict[str, str]
+
+    @property
+    def threshold(self) -> float | None:
+        """The whole photo's threshold (report.json's no_match), or None."""
+        return self.thresholds.get("whole")
 
     def reference(self, reference_id: str) -> Reference:
         """The thumbnail of one reference view; NotFoundError for an id the index lacks."""
         label = self.index.label_of(reference_id)
-        expected = self.thumbnails.get(reference_id)
+        expected = self.thumbnails.get(photo_of(reference_id))
         if label is None or expected is None:
             raise NotFoundError(f"no reference view {reference_id!r} in the loaded catalogue")
         path = thumbnail_path(self.folder, reference_id)
@@ -63,5 +68,17 @@ def load_catalogue(
         for name, file in manifest.files.items()
         if name.startswith(prefix)
     }
-    threshold = ((report or {}).get("no_match") or {}).get("threshold")
-    return Catalogue(index, folder, None if threshold is None else float(threshold), thumbnails)
+    return Catalogue(index, folder, calibrated_thresholds(report or {}), thumbnails)
+
+
+def calibrated_thresholds(report: dict[str, Any]) -> dict[str, float]:
+    """The no-match thresholds a training report records, by views mode: `no_match` is the
+    whole photo's, `no_match_views` each mode's (runs before multi-view queries have none)."""
+    thresholds = {
+        mode: float(calibration["threshold"])
+        for mode, calibration in (report.get("no_match_views") or {}).items()
+    }
+    whole = (report.get("no_match") or {}).get("threshold")
+    if whole is not None:
+        thresholds.setdefault("whole", float(whole))
+    return thresholds

@@ -1,4 +1,4 @@
-"""The matcher core: image bytes -> features -> probabilities -> ranked labels.
+"""The matcher core: image bytes -> views -> features -> scores -> ranked labels + verdict.
 
 It knows nothing of gRPC. Blocking TensorFlow and scikit-learn calls run in worker threads
 (through the dynamic batcher: one thread call per batch, for both models), so the event loop
@@ -34,6 +34,14 @@ from matcher.domain import (
 )
 from matcher.errors import InvalidRequestError, ModelLoadError, NotReadyError
 from matcher.images import ImageLimits, for_graph, inspect_image, load_image_readers
+from matcher.views import (
+    DEFAULT_VIEWS,
+    PLANS,
+    QueryView,
+    check_mode,
+    merge_similarity,
+    render_views,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +51,22 @@ class _Answer:
     """One image's answer and the models that computed it."""
 
     features: np.ndarray
-    probabilities: np.ndarray
-    labels: list[str]
+    #: Each label's score (`Classifier.scores`): views of one photo merge by a maximum.
+    scores: np.ndarray
+    classifier: Classifier
     model: ModelIdentity
-    #: Each label's most similar reference view and its similarity (None without an index).
-    nearest: tuple[np.ndarray, list[str]] | None
-    #: The catalogue's calibrated no-match threshold (None without one).
-    threshold: float | None
+    #: Each label's most similar reference view: similarity and index row (None without one).
+    nearest: tuple[np.ndarray, np.ndarray] | None
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """The answers for every view of one photo, merged per label."""
+
+    whole: _Answer
+    probabilities: np.ndarray
+    #: Each label's best similarity, its reference id and the view it came from (or None).
+    nearest: tuple[np.ndarray, list[str], list[str]] | None
 
 
 class MatcherCore:
@@ -62,10 +79,13 @@ class MatcherCore:
         limits: ImageLimits,
         batching: BatchingOptions | None = None,
         no_match_threshold: float | None = None,
+        default_views: str = DEFAULT_VIEWS,
     ) -> None:
         self._backend = backend
         #: The server's threshold, over the calibrated one (None: use the calibrated one).
         self._no_match_threshold = no_match_threshold
+        #: The views a request that names none is looked at with (`matcher.views`).
+        self.default_views = check_mode(default_views)
         self._load_classifier = load_classifier
         self._limits = limits
         # Held for each batch and for each swap, so a swap waits for the batch in flight.
@@ -115,27 +135,55 @@ class MatcherCore:
         self._backend.check()
 
     async def match(
-        self, image: bytes, top_k: int, no_match_threshold: float | None = None
+        self,
+        image: bytes,
+        top_k: int,
+        no_match_threshold: float | None = None,
+        views: str | None = None,
     ) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels.
 
-        With an index, each label comes with its nearest reference view, and the verdict says
-        whether the nearest view of all reaches the threshold: `no_match_threshold`, else the
-        server's, else the one calibrated at training.
+        `views` (a mode of `matcher.views`; None: the server's default) says how thoroughly to
+        look: each view is matched and each label keeps its best view. With an index, each
+        label comes with its nearest reference view, and the verdict says whether the nearest
+        view of all reaches the threshold: `no_match_threshold`, else the server's, else the
+        one calibrated at training for these views.
         """
         if no_match_threshold is not None and not -1.0 <= no_match_threshold <= 1.0:
             raise InvalidRequestError(
                 f"no_match_threshold {no_match_threshold} is not a similarity in [-1, 1]"
             )
-        self._served_pair()  # not loaded yet: say so before any work
-        answer = await self._answer(image)
-        ranked = _ranked(answer, top_k)
-        threshold = _first_set(no_match_threshold, self._no_match_threshold, answer.threshold)
-        verdict = None
-        if answer.nearest is not None and threshold is not None:
-            score = float(answer.nearest[0].max())
-            verdict = Verdict(score >= threshold, score, threshold)
-        return MatchResult(ranked, answer.model, verdict)
+        mode = check_mode(views or self.default_views)
+        backbone, _ = self._served_pair()  # not loaded yet: say so before any work
+        answers = await self._answers(image, mode, backbone.input_size)
+        merged = _merge(answers, PLANS[mode])
+        ranked = _ranked(merged, top_k)
+        verdict = self._verdict(merged, mode, no_match_threshold)
+        return MatchResult(ranked, merged.whole.model, verdict, mode)
+
+    def _verdict(self, merged: _Merged, mode: str, requested: float | None) -> Verdict | None:
+        """The verdict on the merged views, against the first threshold that is set.
+
+        A run calibrated before multi-view queries has only the whole photo's threshold: the
+        verdict is then judged on the whole view, which that threshold fits."""
+        catalogue = merged.whole.classifier.catalogue
+        if merged.nearest is None or catalogue is None:
+            return None
+        if (
+            requested is None
+            and self._no_match_threshold is None
+            and mode not in catalogue.thresholds
+        ):
+            threshold, similarity = catalogue.threshold, merged.whole.nearest[0]  # type: ignore[index]
+        else:
+            threshold = _first_set(
+                requested, self._no_match_threshold, catalogue.thresholds.get(mode)
+            )
+            similarity = merged.nearest[0]
+        if threshold is None:
+            return None
+        score = float(similarity.max())
+        return Verdict(score >= threshold, score, threshold)
 
     async def reference(self, reference_id: str) -> Reference:
         """A reference view's thumbnail (blocking file read, done in a worker thread)."""
@@ -148,9 +196,9 @@ class MatcherCore:
         return await asyncio.to_thread(classifier.catalogue.reference, reference_id)
 
     async def embed(self, image: bytes) -> EmbedResult:
-        """The bottleneck feature vector of one image."""
-        self._served_pair()
-        answer = await self._answer(image)
+        """The bottleneck feature vector of one image (the whole photo)."""
+        backbone, _ = self._served_pair()
+        (answer,) = await self._answers(image, "whole", backbone.input_size)
         return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
@@ -172,8 +220,12 @@ class MatcherCore:
             feature_backend=self._backend.kind,
             reference_views=catalogue.index.size if catalogue else 0,
             no_match_threshold=_first_set(
-                self._no_match_threshold, catalogue.threshold if catalogue else None
+                self._no_match_threshold,
+                catalogue.thresholds.get(self.default_views, catalogue.threshold)
+                if catalogue
+                else None,
             ),
+            default_views=self.default_views,
         )
 
     def _served_pair(self) -> tuple[BackboneInfo, Classifier]:
@@ -182,16 +234,20 @@ class MatcherCore:
             raise NotReadyError("models are not loaded yet; retry shortly")
         return pair
 
-    async def _answer(self, image: bytes) -> _Answer:
-        """One image's answer, computed in a batch with concurrent ones."""
+    async def _answers(self, image: bytes, mode: str, input_side: int) -> list[_Answer]:
+        """The answers for each view of one image, computed in one batch (with concurrent
+        requests' views)."""
         header = inspect_image(image, self._limits)
         if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
             image = await asyncio.to_thread(for_graph, image, header)
-        answer: _Answer = await self.batcher.features(image)
-        return answer
+        views = [image]
+        if mode != "whole":  # a decode, crops and encodes: off the event loop too
+            views = await asyncio.to_thread(render_views, image, mode, input_side)
+        answers: list[_Answer] = await self.batcher.features_of_views(views)
+        return answers
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
-        """Blocking: features of a batch, then the classifier's probabilities for all of it."""
+        """Blocking: features of a batch, then the classifier's scores for all of it."""
         with self._swap_lock:
             with metrics.BACKEND_DURATION.labels(self._backend.kind).time():
                 features = self._backend.features(images)
@@ -202,23 +258,41 @@ class MatcherCore:
                     f"the backend answered {features.shape[1]} features; the classifier "
                     f"expects {classifier.info.feature_dim}"
                 )
-            probabilities, found = classifier.rank(features)
+            scores, found = classifier.scores(features)
         model = ModelIdentity(backbone.name, backbone.version, classifier.info.sha256)
-        labels = classifier.labels
-        catalogue = classifier.catalogue
-        if catalogue is None or found is None:
+        if classifier.catalogue is None or found is None:
             return [
-                _Answer(row, p, labels, model, None, None)
-                for row, p in zip(features, probabilities, strict=True)
+                _Answer(row, score, classifier, model, None)
+                for row, score in zip(features, scores, strict=True)
             ]
         # Index labels equal the classifier's (checked at load), so columns line up.
-        ids = catalogue.index.ids
         return [
-            _Answer(row, p, labels, model, (similar, [ids[r] for r in rows]), catalogue.threshold)
-            for row, p, similar, rows in zip(
-                features, probabilities, found.similarity, found.row, strict=True
+            _Answer(row, score, classifier, model, (similar, rows))
+            for row, score, similar, rows in zip(
+                features, scores, found.similarity, found.row, strict=True
             )
         ]
+
+
+def _merge(answers: Sequence[_Answer], plan: Sequence[QueryView]) -> _Merged:
+    """One photo's answer from its views' answers: each label's best score and nearest view.
+
+    A hot reload between batches cannot split a photo's views: they are in one batch."""
+    whole = answers[0]
+    classifier = whole.classifier
+    scores = np.stack([answer.scores for answer in answers])  # [V, L]
+    if whole.nearest is None or classifier.catalogue is None:
+        return _Merged(whole, classifier.merge_views(scores, None), None)
+    per_view = np.stack([a.nearest[0] for a in answers if a.nearest])
+    probabilities = classifier.merge_views(scores, per_view)
+    similarity, view = merge_similarity(per_view)
+    rows = np.stack([a.nearest[1] for a in answers if a.nearest])[view, np.arange(len(view))]
+    ids = classifier.catalogue.index.ids
+    return _Merged(
+        whole,
+        probabilities,
+        (similarity, [ids[row] for row in rows], [plan[v].name for v in view]),
+    )
 
 
 def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
@@ -235,16 +309,19 @@ def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
         )
 
 
-def _ranked(answer: _Answer, top_k: int) -> list[LabelScore]:
+def _ranked(merged: _Merged, top_k: int) -> list[LabelScore]:
     # Stable sort so that equal scores keep the classifier's label order.
-    order = np.argsort(-answer.probabilities, kind="stable")
+    order = np.argsort(-merged.probabilities, kind="stable")
     if top_k:
         order = order[:top_k]
-    if answer.nearest is None:
-        return [LabelScore(answer.labels[i], float(answer.probabilities[i])) for i in order]
-    similarity, ids = answer.nearest
+    labels = merged.whole.classifier.labels
+    if merged.nearest is None:
+        return [LabelScore(labels[i], float(merged.probabilities[i])) for i in order]
+    similarity, ids, views = merged.nearest
     return [
-        LabelScore(answer.labels[i], float(answer.probabilities[i]), ids[i], float(similarity[i]))
+        LabelScore(
+            labels[i], float(merged.probabilities[i]), ids[i], float(similarity[i]), views[i]
+        )
         for i in order
     ]
 

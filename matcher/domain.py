@@ -43,6 +43,8 @@ class LabelScore:
     #: The label's most similar reference view ("" without an index) and its similarity.
     reference_id: str = ""
     similarity: float | None = None
+    #: The view of the photo that came closest to that reference view (`matcher.views`).
+    query_view: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class MatchResult:
     model: ModelIdentity
     #: None when the classifier came without an index (or no threshold is known).
     verdict: Verdict | None = None
+    #: The views mode the photo was looked at with.
+    views: str = "whole"
 
 
 @dataclass(frozen=True)
@@ -92,3 +96,4 @@ class ModelDescription:
     feature_backend: str
     reference_views: int = 0
     no_match_threshold: float | None = None
+    default_views: str = "whole"

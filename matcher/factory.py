@@ -55,4 +55,5 @@ def make_core(settings: CoreSettings, backend: FeatureBackend | None = None) -> 
             max_queue=settings.max_queued_requests,
         ),
         settings.no_match_threshold,
+        settings.views,
     )

@@ -95,9 +95,24 @@ class ExportedModelInfo:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
+#: Joins a photo's id and a quarter turn in the id of a turned reference view
+#: (`astronaut/0001.jpg@90`): the catalogue photo turned, indexed beside it.
+TURN_MARK = "@"
+_TURN_SUFFIXES = tuple(f"{TURN_MARK}{degrees}" for degrees in (90, 180, 270))
+
+
+def photo_of(reference_id: str) -> str:
+    """The catalogue photo a reference view was cut from: itself, or the photo it turns."""
+    for suffix in _TURN_SUFFIXES:
+        if reference_id.endswith(suffix):
+            return reference_id.removesuffix(suffix)
+    return reference_id
+
+
 def thumbnail_path(run_dir: Path, reference_id: str) -> Path:
-    """Where the thumbnail of a reference view lives in a run folder."""
-    return run_dir / REFERENCES_DIR / f"{reference_id}.jpg"
+    """Where the thumbnail of a reference view lives in a run folder (a turned view shows
+    the photo it turns, as the user photographed it)."""
+    return run_dir / REFERENCES_DIR / f"{photo_of(reference_id)}.jpg"
 
 
 def versions(model_dir: Path) -> list[int]:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from matcher.views import DEFAULT_VIEWS, ViewMode
+
 
 class BackendSettings(BaseSettings):
     """Where the backbone's features come from (`matcher.factory.make_backend`)."""
@@ -117,6 +119,13 @@ class CoreSettings(BackendSettings):
         description="Similarity to the nearest catalogue view below which Match answers "
         "NO_MATCH, for every request that sets none; unset uses the threshold `train` "
         "calibrated (report.json's no_match).",
+    )
+    views: ViewMode = Field(
+        DEFAULT_VIEWS,
+        description="How thoroughly Match looks at a photo when the request does not say: "
+        "`whole` (the photo alone), `crops` (and a 3 x 3 grid of half-size crops: 10 model "
+        "calls' worth of work) or `crops_rotations` (and the photo turned by quarter turns: "
+        "13). Each has its own no-match threshold, calibrated at training.",
     )
     reload_interval_s: float = Field(
         5.0,

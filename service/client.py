@@ -1,4 +1,5 @@
-"""`python -m service.client IMAGE... [--top-k N] [--target HOST:PORT]`: print ranked labels.
+"""`python -m service.client IMAGE... [--top-k N] [--views MODE] [--target HOST:PORT]`: print
+the verdict and the ranked labels, each with its nearest reference view.
 
 Plaintext by default; `--tls-ca` (and `--tls-cert`/`--tls-key` for mutual TLS) switch to TLS,
 `--token-file` sends `authorization: Bearer <token>` with every call.
@@ -23,6 +24,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--top-k", type=int, default=5, help="labels to show; 0 = all (5)")
     parser.add_argument("--target", default="localhost:50051", help="server (localhost:50051)")
+    parser.add_argument(
+        "--views",
+        choices=tuple(VIEWS),
+        help="how thoroughly the server looks at each photo (its default)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, s (30)")
     parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
     parser.add_argument("--tls-ca", type=Path, help="TLS: CA certificate(s) to trust (PEM)")
@@ -57,12 +63,32 @@ def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+#: The `--views` choices and the request's Views values.
+VIEWS = {
+    "whole": matcher_pb2.VIEWS_WHOLE,
+    "crops": matcher_pb2.VIEWS_CROPS,
+    "crops_rotations": matcher_pb2.VIEWS_CROPS_ROTATIONS,
+}
+_VERDICTS = {matcher_pb2.MATCH: "MATCH", matcher_pb2.NO_MATCH: "NO MATCH"}
+
+
 def format_response(path: Path, response: matcher_pb2.MatchResponse) -> str:
-    """The lines printed for one image: its path, then `rank  score  label`."""
+    """The lines printed for one image: its path, models and verdict, then for each label
+    `rank  score  label`, and the reference view it came closest to."""
     model = response.model
-    lines = [f"{path}  [{model.backbone} v{model.model_version}]"]
+    header = f"{path}  [{model.backbone} v{model.model_version}]"
+    if response.verdict in _VERDICTS:
+        views = matcher_pb2.Views.Name(response.views).removeprefix("VIEWS_").lower()
+        header += (
+            f"  {_VERDICTS[response.verdict]}: nearest view {response.verdict_score:.3f}, "
+            f"threshold {response.threshold:.3f} ({views})"
+        )
+    lines = [header]
     for rank, match in enumerate(response.matches, start=1):
-        lines.append(f"  {rank:>2}. {match.score:.4f}  {match.label}")
+        line = f"  {rank:>2}. {match.score:.4f}  {match.label}"
+        if match.reference_id:
+            line += f"  ~ {match.reference_id} {match.similarity:.3f} ({match.query_view})"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -79,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         stub = matcher_pb2_grpc.MatcherStub(channel)  # type: ignore[no-untyped-call]
         for path in args.images:
             try:
-                request = matcher_pb2.ImageRequest(image=path.read_bytes(), top_k=args.top_k)
+                request = matcher_pb2.ImageRequest(
+                    image=path.read_bytes(),
+                    top_k=args.top_k,
+                    views=VIEWS[args.views] if args.views else matcher_pb2.VIEWS_UNSPECIFIED,
+                )
                 response = stub.Match(request, timeout=args.timeout, metadata=metadata)
             except OSError as exc:
                 print(f"client: error: {path}: {exc.strerror or exc}", file=sys.stderr)

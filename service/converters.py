@@ -10,9 +10,28 @@ from matcher.domain import (
     ModelIdentity,
     Reference,
 )
+from matcher.errors import InvalidRequestError
 from matcher.v1 import matcher_pb2
 
 VERDICTS = {True: matcher_pb2.MATCH, False: matcher_pb2.NO_MATCH}
+#: The Views enum and the modes of `matcher.views`.
+VIEWS = {
+    "whole": matcher_pb2.VIEWS_WHOLE,
+    "crops": matcher_pb2.VIEWS_CROPS,
+    "crops_rotations": matcher_pb2.VIEWS_CROPS_ROTATIONS,
+}
+_MODES: dict[int, str] = {int(value): mode for mode, value in VIEWS.items()}
+
+
+def views_from_proto(value: int) -> str | None:
+    """The mode a request's `views` names; None for unset (the server's default)."""
+    if value == matcher_pb2.VIEWS_UNSPECIFIED:
+        return None
+    if value not in _MODES:
+        raise InvalidRequestError(
+            f"unknown views value {value}; use VIEWS_WHOLE, VIEWS_CROPS or VIEWS_CROPS_ROTATIONS"
+        )
+    return _MODES[value]
 
 
 def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
@@ -25,7 +44,10 @@ def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
 
 def label_score_to_proto(match: LabelScore) -> matcher_pb2.LabelScore:
     message = matcher_pb2.LabelScore(
-        label=match.label, score=match.score, reference_id=match.reference_id
+        label=match.label,
+        score=match.score,
+        reference_id=match.reference_id,
+        query_view=match.query_view,
     )
     if match.similarity is not None:
         message.similarity = match.similarity
@@ -36,6 +58,7 @@ def match_to_proto(result: MatchResult) -> matcher_pb2.MatchResponse:
     response = matcher_pb2.MatchResponse(
         matches=[label_score_to_proto(m) for m in result.matches],
         model=identity_to_proto(result.model),
+        views=VIEWS[result.views],
     )
     if result.verdict is not None:
         response.verdict = VERDICTS[result.verdict.matched]
@@ -71,6 +94,7 @@ def description_to_proto(description: ModelDescription) -> matcher_pb2.ModelInfo
         feature_backend=description.feature_backend,
         feature_layer=description.backbone.layer,
         reference_views=description.reference_views,
+        default_views=VIEWS[description.default_views],
     )
     if description.holdout_accuracy is not None:
         info.holdout_accuracy = description.holdout_accuracy

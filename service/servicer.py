@@ -81,7 +81,8 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
         self, request: matcher_pb2.ImageRequest, context: Context
     ) -> matcher_pb2.MatchResponse:
         threshold = request.no_match_threshold if request.HasField("no_match_threshold") else None
-        result = await self._core.match(request.image, request.top_k, threshold)
+        views = converters.views_from_proto(request.views)
+        result = await self._core.match(request.image, request.top_k, threshold, views)
         return converters.match_to_proto(result)
 
     @_map_errors

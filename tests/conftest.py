@@ -48,17 +48,27 @@ def embedded_backend(exported_model):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, demo, embedded_backend):
-    """The demo classifier trained through the embedded backend, as `make run` does."""
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the session's trainings of the demo: keyed by model and content,
+    so a second training of the same photos (another matcher) reads what the first computed."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo, embedded_backend, feature_cache):
+    """The demo classifier trained through the embedded backend, as `make run` does, but
+    with the original's SVM: the lifecycle tests swap its classifier file (knn and prototype
+    runs are trained and served by tests/test_matchers.py)."""
     from train.pipeline import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
     config = TrainConfig(
         data=demo.out / "train",
         out=root / "classifier",
-        cache_dir=root / "cache",
+        cache_dir=feature_cache,
         folds=5,
         progress=False,
+        matcher="svm",
     )
     return train(config, embedded_backend)
 
@@ -82,6 +92,9 @@ def settings(exported_model, trained):
         classifier=trained.classifier_path,
         grace_s=0.5,
         metrics_port=0,  # a free port: the default 9464 may be taken on a shared machine
+        # One view per photo keeps the suite's hundreds of calls quick on 2 cores; the default
+        # (crops) and every other mode are asked for by name in tests/test_multiview.py.
+        views="whole",
     )
 
 

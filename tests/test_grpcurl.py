@@ -64,6 +64,20 @@ async def test_match_with_a_base64_image(target, demo) -> None:
     assert answer["matches"][0]["reference_id"].startswith(f"{label}/")
 
 
+async def test_match_with_crops_named_in_json(target, demo) -> None:
+    label, path = query_images(demo)[0]
+    image = base64.b64encode(path.read_bytes()).decode()
+    body = json.dumps({"image": image, "top_k": 2, "views": "VIEWS_CROPS"})
+    result = await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/Match")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["views"] == "VIEWS_CROPS"
+    assert answer["matches"][0]["label"] == label
+    assert answer["matches"][0]["query_view"] == "whole" or answer["matches"][0][
+        "query_view"
+    ].startswith("crop ")
+
+
 async def test_get_reference_of_a_match(target, demo) -> None:
     _, path = query_images(demo)[0]
     body = json.dumps({"image": base64.b64encode(path.read_bytes()).decode(), "top_k": 1})

@@ -157,8 +157,12 @@ async def test_client_prints_ranked_labels(target, demo) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(str(first))
-    assert re.fullmatch(rf"\s+1\. 0\.\d{{4}}  {label}", lines[1])
-    assert re.fullmatch(r"\s+2\. 0\.\d{4}  \w+", lines[2])
+    assert re.search(
+        r"  (NO )?MATCH: nearest view -?\d\.\d{3}, threshold -?\d\.\d{3} \(\w+\)$", lines[0]
+    )
+    reference = r"  ~ \w+/[\w.@]+ -?\d\.\d{3} \((whole|crop \d\.\d\d,\d\.\d\d|turned \d+)\)"
+    assert re.fullmatch(rf"\s+1\. \d\.\d{{4}}  {label}{reference}", lines[1]), lines[1]
+    assert re.fullmatch(rf"\s+2\. \d\.\d{{4}}  \w+{reference}", lines[2]), lines[2]
     assert len(lines) == 6
 
 

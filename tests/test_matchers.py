@@ -18,12 +18,12 @@ from train.pipeline import TrainConfig, train
 
 
 @pytest.fixture(scope="module", params=["knn", "prototype"])
-def index_run(request, demo, embedded_backend, tmp_path_factory):
+def index_run(request, demo, embedded_backend, tmp_path_factory, feature_cache):
     root = tmp_path_factory.mktemp(f"run-{request.param}")
     config = TrainConfig(
         data=demo.out / "train",
         out=root / "run",
-        cache_dir=root / "cache",
+        cache_dir=feature_cache,
         progress=False,
         matcher=request.param,
     )
@@ -122,14 +122,17 @@ async def test_items_are_added_and_removed_without_retraining_and_hot_reloaded(
         return core.describe().labels
 
     removed = remove_item(run, label)
-    assert removed.views == demo.train_views
+    assert removed.photos == demo.train_views
     assert label not in await settle()
     answer = await core.match(path.read_bytes(), 1)
     assert answer.matches[0].label != label
     assert not (run / "references" / label).exists()
 
     added = add_item(run, demo.out / "train" / label, embedded_backend)
-    assert (added.views, added.total_views) == (demo.train_views, result.report["index"]["views"])
+    assert (added.photos, added.total_photos) == (
+        demo.train_views,
+        result.report["index"]["photos"],
+    )
     assert label in await settle()
     answer = await core.match(path.read_bytes(), 1)
     await core.batcher.close()
@@ -137,8 +140,8 @@ async def test_items_are_added_and_removed_without_retraining_and_hot_reloaded(
     assert (await core.reference(answer.matches[0].reference_id)).label == label
     report = json.loads((run / "report.json").read_text())
     assert [edit["what"] for edit in report["edits"]] == [
-        f"removed {demo.train_views} views of {label}",
-        f"added {demo.train_views} views of {label}",
+        f"removed {demo.train_views} photos of {label}",
+        f"added {demo.train_views} photos of {label}",
     ]
     verify(run, "classifier")
 

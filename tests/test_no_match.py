@@ -12,7 +12,7 @@ from PIL import Image
 
 from matcher.errors import ModelLoadError, NotReadyError
 from matcher.factory import make_core
-from matcher.layout import THUMBNAIL_SIDE, thumbnail_path
+from matcher.layout import THUMBNAIL_SIDE, photo_of, thumbnail_path
 from matcher.v1 import matcher_pb2
 from tests.conftest import outside_queries, query_images
 
@@ -49,10 +49,11 @@ async def test_photos_of_things_outside_the_catalogue_get_no_match(stub, demo, t
     print(f"outside photos against threshold {threshold:.3f}: {scores}")
     assert all(answer.threshold == pytest.approx(threshold) for answer in answers)
     refused = sum(answer.verdict == matcher_pb2.NO_MATCH for answer in answers)
-    # Global features separate these only in part (docs/benchmarks.md, "No match"): with the
-    # tests' small catalogue, about half; the first three, another cat than the catalogue's
-    # `chelsea`, are the hard case.
-    assert refused >= len(answers) // 2
+    # Global features of the whole photo separate these only in part (docs/benchmarks.md,
+    # "No match" and "Quality"), and the threshold keeps 98 % of field-like catalogue photos
+    # too: with the tests' small catalogue, a third of them; the first three, another cat
+    # than the catalogue's `chelsea`, are the hard case.
+    assert refused >= len(answers) // 3
     inside = [(await match(stub, path)).verdict_score for _, path in query_images(demo)]
     assert sum(scores) / len(scores) < sum(inside) / len(inside) - 0.1
     for answer in answers:
@@ -87,7 +88,7 @@ async def test_get_reference_returns_the_matched_views_thumbnail(stub, demo) -> 
     assert reference.media_type == "image/jpeg"
     with Image.open(io.BytesIO(reference.image)) as image:
         assert image.format == "JPEG" and max(image.size) <= THUMBNAIL_SIDE
-    original = demo.out / "train" / best.reference_id
+    original = demo.out / "train" / photo_of(best.reference_id)  # a turned view: its photo
     with Image.open(original) as source:
         assert image.size[0] / image.size[1] == pytest.approx(source.width / source.height, 0.02)
 
@@ -104,9 +105,9 @@ async def test_an_unknown_reference_is_not_found(stub) -> None:
 async def test_model_info_counts_the_references_and_gives_the_threshold(stub, trained) -> None:
     info = await stub.GetModelInfo(matcher_pb2.GetModelInfoRequest(), timeout=10)
     assert info.reference_views == trained.report["index"]["views"]
-    assert (
-        info.reference_views == trained.report["data"]["train"] + trained.report["data"]["holdout"]
-    )
+    # Every photo of the catalogue, held out or not, and its three quarter turns.
+    photos = trained.report["data"]["train"] + trained.report["data"]["holdout"]
+    assert info.reference_views == 4 * photos == 4 * trained.report["index"]["photos"]
     assert info.no_match_threshold == pytest.approx(trained.report["no_match"]["threshold"])
 
 

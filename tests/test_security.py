@@ -326,7 +326,7 @@ async def test_the_cli_client_speaks_tls_and_sends_the_token(
     target = ["--target", f"localhost:{tls_server.port}", "--tls-ca", str(certs.ca)]
     result = await run_client(str(image), *target, "--token-file", str(token_file))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1].endswith(f"  {label}")
+    assert f"  {label}  ~ {label}/" in result.stdout.splitlines()[1]
     result = await run_client(str(image), *target)
     assert result.returncode == 1
     [line] = result.stderr.splitlines()

@@ -15,6 +15,7 @@ from integrity.manifest import verify
 from matcher.classifier import Classifier
 from matcher.dataset import DatasetError, discover
 from matcher.svm import cv_folds, param_grid
+from matcher.views import PLANS, VIEW_MODES
 from tests import samples
 from tests.cli_output import run_module
 from train import pipeline
@@ -119,17 +120,20 @@ def test_the_run_folder_is_vouched_for_by_its_manifest(trained) -> None:
     manifest = verify(folder, "classifier")
     top = sorted({name.split("/")[0] for name in manifest.files})
     assert top == ["classifier.skops", "features.npz", "index.npz", "references", "report.json"]
-    # Every kept view has its thumbnail, listed.
+    # Every kept photo has its thumbnail, listed (its turned views show the same one).
     thumbnails = [name for name in manifest.files if name.startswith("references/")]
-    assert len(thumbnails) == trained.report["index"]["views"]
+    assert len(thumbnails) == trained.report["index"]["photos"]
     assert manifest.excluded == ("report",)  # the HTML report is redrawn at will
 
 
 def test_the_report_records_the_index_and_the_no_match_threshold(trained, demo) -> None:
     index, no_match = trained.report["index"], trained.report["no_match"]
+    # Every photo, and each turned by 90, 180 and 270 degrees.
     assert index == {
         "file": "index.npz",
-        "views": 12 * demo.train_views,
+        "views": 4 * 12 * demo.train_views,
+        "photos": 12 * demo.train_views,
+        "turned_views": True,
         "references": "references",
     }
     assert no_match["score"] == "nearest_reference_similarity"
@@ -141,10 +145,33 @@ def test_the_report_records_the_index_and_the_no_match_threshold(trained, demo) 
     assert "_outside" not in trained.report["data"]["counts"]
 
 
+def test_each_views_mode_has_its_own_threshold(trained) -> None:
+    report = trained.report
+    by_views = report["no_match_views"]
+    assert sorted(by_views) == sorted(VIEW_MODES)
+    assert by_views["whole"] == report["no_match"]
+    held_out = report["data"]["holdout"]
+    for mode, calibration in by_views.items():
+        # The held-out photos and two field versions of each, less those ranked wrongly.
+        assert 0.8 * 3 * held_out <= calibration["matched_holdout"] <= 3 * held_out, mode
+        assert calibration["false_reject_rate"] <= 0.02
+        assert calibration["outside_photos"] == report["no_match"]["outside_photos"]
+        views = report["views"][mode]
+        assert views["views_per_photo"] == len(PLANS[mode])
+        assert views["holdout_accuracy"] >= 0.9 and 0 < views["field_accuracy"] <= 1
+
+
 def test_joblib_format_replaces_the_skops_file(demo, embedded_backend, tmp_path) -> None:
     data = small_dataset(demo, tmp_path / "data")
     out = tmp_path / "out"
-    config = TrainConfig(data=data, out=out, cache_dir=tmp_path / "cache", folds=2, progress=False)
+    config = TrainConfig(
+        data=data,
+        out=out,
+        cache_dir=tmp_path / "cache",
+        folds=2,
+        progress=False,
+        matcher="svm",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # fewer folds than asked: expected here
         first = train(config, embedded_backend)

@@ -84,17 +84,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--matcher",
         # train.pipeline.MATCHERS, spelt out to keep --help quick.
-        choices=("svm", "knn", "prototype"),
-        default="svm",
-        help="svm (default): the grid-searched SVM ranks the labels; knn: the label of the "
-        "nearest view; prototype: the nearest label mean. knn and prototype rank by the index "
-        "alone: serve the run folder (--classifier FOLDER)",
+        choices=("knn", "prototype", "svm"),
+        default="knn",
+        help="knn (default): the label of the nearest view; prototype: the nearest label mean "
+        "(both rank by the index alone, and take `add` and `remove`); svm: the original's "
+        "grid-searched SVM. Serve the run folder (--classifier FOLDER)",
     )
     parser.add_argument(
         "--outside",
         type=Path,
         help="photos of things outside the catalogue, to measure the no-match threshold's false "
         "accepts (default: DATA/_outside/ when there is one)",
+    )
+    parser.add_argument(
+        "--no-turned-views",
+        action="store_true",
+        help="index the photos only as they are, not also turned by 90, 180 and 270 degrees "
+        "(which lets rotated field photos match, at three more backbone passes per photo)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
     parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
@@ -166,7 +172,7 @@ def edit_main(argv: list[str]) -> int:
     try:
         if args.command == "remove":
             done = remove_item(args.run, args.label)
-            print(f"removed {done.views} views of {done.label}; {done.total_views} views left")
+            print(f"removed {done.photos} photos of {done.label}; {done.total_photos} photos left")
             return 0
         from matcher.classifier import read_run_report
         from matcher.factory import make_backend
@@ -180,7 +186,9 @@ def edit_main(argv: list[str]) -> int:
         return 2
     for path, why in done.rejected.items():
         print(f"skipped {path}: {why}", file=sys.stderr)
-    print(f"added {done.views} views of {done.label}; {done.total_views} views in the catalogue")
+    print(
+        f"added {done.photos} photos of {done.label}; {done.total_photos} photos in the catalogue"
+    )
     return 0
 
 
@@ -224,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         search=args.search,
         outside=args.outside,
         matcher=args.matcher,
+        turned_views=not args.no_turned_views,
     )
     try:
         backend = make_backend(settings) if args.features == "cnn" else _hog_backend()

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from integrity.manifest import file_sha256, write_manifest
 from matcher.backends.base import FeatureExtractor
 from matcher.classifier import INDEX_MATCHERS, Classifier, read_run_report
 from matcher.dataset import DatasetError, images_in
 from matcher.extraction import FeatureCache, extract_features
 from matcher.index import CatalogueIndex
-from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE
+from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE, photo_of
+from train.photo_views import turned_features
 from train.references import write_thumbnail
 
 
@@ -33,8 +36,10 @@ class Edit:
     """What an add or a remove did."""
 
     label: str
-    views: int
-    total_views: int
+    #: Photos added or removed (each with its turned views, when the run indexes those).
+    photos: int
+    #: Photos in the catalogue afterwards.
+    total_photos: int
     rejected: dict[str, str]
 
 
@@ -56,15 +61,21 @@ def add_item(
     if not kept:
         raise DatasetError(f"no photo in {folder} could be read: {found.rejected}")
     ids = [f"{label}/{path.name}" for path in kept]
+    features, labels = found.features, [label] * len(kept)
+    views = ids
+    if report.get("index", {}).get("turned_views"):  # as the training indexed its photos
+        turned, turned_ids = turned_features(kept, ids, backend, cache)
+        features = np.concatenate([features, turned])
+        labels, views = [label] * len(views + turned_ids), [*ids, *turned_ids]
     try:
-        grown = index.with_views(found.features, [label] * len(kept), ids)
+        grown = index.with_views(features, labels, views)
     except ValueError as exc:
         raise DatasetError(f"{exc}: rename the photos, or remove {label!r} first") from exc
     for path, reference in zip(kept, ids, strict=True):
         write_thumbnail(run, path, reference)
-    _commit(run, report, grown, f"added {len(kept)} views of {label}")
+    _commit(run, report, grown, f"added {len(kept)} photos of {label}")
     rejected = {str(path): why for path, why in found.rejected.items()}
-    return Edit(label, len(kept), grown.size, rejected)
+    return Edit(label, len(kept), _photos(grown), rejected)
 
 
 def remove_item(run: Path, label: str) -> Edit:
@@ -76,10 +87,15 @@ def remove_item(run: Path, label: str) -> Edit:
         raise DatasetError(f"{exc} in {run}") from exc
     if len(smaller.labels) < 2:
         raise DatasetError(f"removing {label!r} would leave fewer than 2 items in {run}")
-    removed = index.size - smaller.size
+    removed = _photos(index) - _photos(smaller)
     shutil.rmtree(run / REFERENCES_DIR / label, ignore_errors=True)
-    _commit(run, report, smaller, f"removed {removed} views of {label}")
-    return Edit(label, removed, smaller.size, {})
+    _commit(run, report, smaller, f"removed {removed} photos of {label}")
+    return Edit(label, removed, _photos(smaller), {})
+
+
+def _photos(index: CatalogueIndex) -> int:
+    """The catalogue photos in an index (not counting their turned views)."""
+    return sum(photo_of(view) == view for view in index.ids)
 
 
 def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex]:
@@ -112,7 +128,13 @@ def _commit(run: Path, report: dict[str, Any], index: CatalogueIndex, what: str)
     index.save(run / INDEX_FILE)
     report["classifier"]["sha256"] = file_sha256(run / INDEX_FILE)
     report["index"]["views"] = index.size
-    report["data"]["counts"] = {label: index.row_labels.count(label) for label in index.labels}
+    report["index"]["photos"] = sum(photo_of(view) == view for view in index.ids)
+    photos = [
+        label
+        for label, view in zip(index.row_labels, index.ids, strict=True)
+        if photo_of(view) == view
+    ]
+    report["data"]["counts"] = {label: photos.count(label) for label in index.labels}
     report.setdefault("edits", []).append(
         {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "what": what}
     )

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import train_test_split
 
 from integrity.manifest import write_manifest
 from matcher.backends.base import FeatureExtractor
-from matcher.calibration import TARGET_FALSE_REJECT, NoMatchCalibration, calibrate
+from matcher.calibration import TARGET_FALSE_REJECT
 from matcher.classifier import INDEX_MATCHERS, file_sha256
 from matcher.dataset import DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
@@ -32,9 +33,12 @@ from matcher.layout import (
     REPORT_FILE,
 )
 from matcher.svm import best_params, grid_search
+from matcher.views import PLANS, TURNED, VIEW_MODES
+from train.photo_views import Scorer, ViewsCalibration, calibrate_views, turned_features
 from train.references import write_thumbnails
 from train.report import (
     build_report,
+    confusable_items,
     format_confusion,
     holdout_metrics,
     search_summary,
@@ -76,9 +80,14 @@ class TrainConfig:
     outside: Path | None = None
     #: Correct matches the no-match threshold may reject on the held-out split.
     target_false_reject: float = TARGET_FALSE_REJECT
-    #: "svm" (the grid-searched SVM ranks), "knn" (the nearest view's label) or "prototype"
-    #: (the nearest label mean); the last two rank by the index alone, with no classifier file.
-    matcher: str = "svm"
+    #: "knn" (the nearest view's label), "prototype" (the nearest label mean) or "svm" (the
+    #: original's grid-searched SVM). knn and prototype rank by the index alone, with no
+    #: classifier file, and take items added and removed without retraining; on
+    #: `bench.quality` they ranked field photos as well as each other and better than the SVM.
+    matcher: str = "knn"
+    #: Index each photo turned by quarter turns too (`train.photo_views`): rotated field
+    #: photos match, at three more backbone passes per photo.
+    turned_views: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,12 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
     ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
-    # The training views alone: what held-out (and outside) photos are measured against.
-    seen = CatalogueIndex.build(x_train, y_train, [ids[i] for i in train_idx])
+    turned = _turned(kept_paths, ids, labels, backend, cache, config)
+    # The training views alone (and their turns): what held-out (and outside) photos are
+    # measured against. The SVM learns the photos as they are; the index holds both.
+    seen = CatalogueIndex.build(
+        *_with_turned(x_train, y_train, [ids[i] for i in train_idx], turned, train_idx)
+    )
     held_out = seen.search(x_test)
     started = time.perf_counter()
     search = None
@@ -130,8 +143,24 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     seconds = time.perf_counter() - started
     names = sorted(set(labels))
     holdout = holdout_metrics(names, y_test, predicted)
-    correct = np.array(predicted) == np.array(y_test)
-    no_match = _calibrate(seen, held_out, correct, backend, cache, config)
+    outside_photos = _outside_photos(backend, cache, config)
+    # Each views mode the server offers gets its threshold, on that mode's views.
+    scorer = _scorer(config.matcher, seen, search.best_estimator_ if search else None)
+    by_views = {
+        mode: _calibrate(
+            mode,
+            seen,
+            [kept_paths[i] for i in test_idx],
+            y_test,
+            outside_photos,
+            scorer,
+            backend,
+            cache,
+            config,
+        )
+        for mode in VIEW_MODES
+    }
+    no_match = by_views["whole"].calibration
     # Staged under a temporary name and put in place only next to the manifest (below): a
     # server watching this folder never sees a new classifier beside an old manifest.
     staged = _stage(search.best_estimator_, config.out, config.format) if search else None
@@ -143,7 +172,10 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         test_idx,
     )
     # Every kept view is a reference: the held-out ones were only held out to measure.
-    CatalogueIndex.build(extraction.features, labels, ids).save(config.out / INDEX_FILE)
+    everything = np.arange(len(labels))
+    CatalogueIndex.build(*_with_turned(extraction.features, labels, ids, turned, everything)).save(
+        config.out / INDEX_FILE
+    )
     write_thumbnails(config.out, kept_paths, ids)
     # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
     sha256 = file_sha256(staged if staged else config.out / INDEX_FILE)
@@ -180,8 +212,37 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         model_dir=config.model_dir,
     )
     report["matcher"] = config.matcher
-    report["index"] = {"file": INDEX_FILE, "views": len(ids), "references": REFERENCES_DIR}
+    report["index"] = {
+        "file": INDEX_FILE,
+        "views": len(ids) * (1 + (len(TURNED) if turned else 0)),
+        "photos": len(ids),
+        "turned_views": bool(turned),
+        "references": REFERENCES_DIR,
+    }
     report["no_match"] = no_match.as_dict()
+    report["no_match_views"] = {
+        mode: found.calibration.as_dict() for mode, found in by_views.items()
+    }
+    report["views"] = {
+        mode: {
+            "views_per_photo": len(PLANS[mode]),
+            "holdout_accuracy": round(found.holdout_accuracy, 4),
+            "field_accuracy": round(found.field_accuracy, 4),
+        }
+        for mode, found in by_views.items()
+    }
+    whole = by_views["whole"]
+    report["confusable"] = confusable_items(
+        names,
+        # The held-out photos as they are and as field photos: where mix-ups show first.
+        (
+            np.asarray(holdout["confusion_matrix"])
+            + confusion_matrix(whole.field_truth, whole.field_predicted, labels=names)
+        ).tolist(),
+        seen.prototypes(),
+        whole.field_accuracy_by_label(),
+        dataset.counts(),
+    )
     if baselines is not None:
         report["baselines"] = baselines
     report_path = config.out / REPORT_FILE
@@ -214,30 +275,50 @@ def _remove_classifier_files(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _outside_photos(
+    backend: FeatureExtractor, cache: FeatureCache | None, config: TrainConfig
+) -> list[Path]:
+    """The readable photos of things outside the catalogue (DATA/_outside/ or --outside)."""
+    outside_dir = config.outside or default_outside(config.data)
+    if outside_dir is None:
+        return []
+    photos = outside_images(outside_dir)
+    found = extract_features(photos, backend, cache, config.batch_size, progress=False)
+    for path, why in found.rejected.items():
+        log.warning("skipped outside photo %s: %s", path, why)
+    return [photos[i] for i in found.kept]
+
+
 def _calibrate(
+    mode: str,
     seen: CatalogueIndex,
-    held_out: Neighbours,
-    correct: np.ndarray,
+    paths: list[Path],
+    labels: list[str],
+    outside: list[Path],
+    scorer: Scorer,
     backend: FeatureExtractor,
     cache: FeatureCache | None,
     config: TrainConfig,
-) -> NoMatchCalibration:
-    """The no-match threshold: held-out photos (`held_out`, searched in `seen`, the training
-    views; `correct` where the matcher ranked them right) and outside ones."""
-    nearest = held_out.similarity.max(axis=1)
-    outside_dir = config.outside or default_outside(config.data)
-    outside_scores = np.zeros(0)
-    if outside_dir is not None:
-        photos = outside_images(outside_dir)
-        found = extract_features(photos, backend, cache, config.batch_size, progress=False)
-        for path, why in found.rejected.items():
-            log.warning("skipped outside photo %s: %s", path, why)
-        if len(found.kept):
-            outside_scores = seen.search(found.features).similarity.max(axis=1)
-    calibration = calibrate(nearest[correct], outside_scores, config.target_false_reject)
+) -> ViewsCalibration:
+    """The no-match threshold of one views mode (`train.photo_views.calibrate_views`)."""
+    found = calibrate_views(
+        mode,
+        seen,
+        (paths, labels),
+        outside,
+        scorer,
+        config.matcher,
+        backend,
+        config.target_false_reject,
+        cache,
+        config.batch_size,
+        config.progress,
+    )
+    calibration = found.calibration
     rate = calibration.false_accept_rate
     log.info(
-        "no-match threshold %.4f: rejects %.1f %% of %d correct held-out matches; %s",
+        "no-match threshold (%s) %.4f: rejects %.1f %% of %d correct held-out matches; %s",
+        mode,
         calibration.threshold,
         100 * calibration.false_reject_rate,
         calibration.matched_holdout,
@@ -245,7 +326,57 @@ def _calibrate(
         if rate is not None
         else "no outside photos to measure false accepts (DATA/_outside/ or --outside)",
     )
-    return calibration
+    return found
+
+
+#: A run's turned reference views: their features [3 N, D] (photo by photo), labels and ids.
+_Turned = tuple[np.ndarray, list[str], list[str]]
+
+
+def _turned(
+    paths: list[Path],
+    ids: list[str],
+    labels: list[str],
+    backend: FeatureExtractor,
+    cache: FeatureCache | None,
+    config: TrainConfig,
+) -> _Turned | None:
+    if not config.turned_views:
+        return None
+    features, turned_ids = turned_features(
+        paths, ids, backend, cache, config.batch_size, config.progress
+    )
+    return features, [label for label in labels for _ in TURNED], turned_ids
+
+
+def _with_turned(
+    features: np.ndarray,
+    labels: list[str],
+    ids: list[str],
+    turned: _Turned | None,
+    photos: np.ndarray,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """`features`, `labels` and `ids` of these `photos`, followed by their turned views."""
+    if turned is None:
+        return features, labels, ids
+    rows = (np.asarray(photos)[:, None] * len(TURNED) + np.arange(len(TURNED))).ravel()
+    turned_features_, turned_labels, turned_ids = turned
+    return (
+        np.concatenate([np.asarray(features, np.float32), turned_features_[rows]]),
+        [*labels, *(turned_labels[r] for r in rows)],
+        [*ids, *(turned_ids[r] for r in rows)],
+    )
+
+
+def _scorer(matcher: str, seen: CatalogueIndex, estimator: Any | None) -> Scorer:
+    """What the matcher ranks the labels by, for views of held-out photos (`seen.labels`
+    order: the SVM's classes are sorted as the index's labels are)."""
+    if matcher == "knn":
+        return lambda features: seen.search(features).similarity
+    if matcher == "prototype":
+        return seen.prototype_similarity
+    assert estimator is not None
+    return lambda features: np.asarray(estimator.predict_proba(features))
 
 
 def _extract(

@@ -31,6 +31,53 @@ def holdout_metrics(labels: list[str], truth: list[str], predicted: list[str]) -
     }
 
 
+#: Pairs listed as confusable: those mixed up on the held-out photos, then the closest.
+CONFUSABLE_PAIRS = 8
+
+
+def confusable_items(
+    labels: list[str],
+    confusion: list[list[int]],
+    prototypes: np.ndarray,
+    field_accuracy: dict[str, float],
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """Which items get mixed up, and which need more views.
+
+    `pairs`: the pairs the matcher mixed up on the held-out photos and their field versions
+    (`confusion`, rows truth), most mixed first, then the pairs whose mean views
+    (`prototypes`, normalised [L, D]) are most alike: the next to be mixed up as the catalogue
+    grows. `needs_views`: the items ranked worst on the field versions of their held-out photos,
+    with their closest other item; more views of the conditions they failed in help most."""
+    matrix = np.asarray(confusion)
+    similarity = prototypes @ prototypes.T
+    pairs = []
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            mixed = int(matrix[i, j] + matrix[j, i])
+            pairs.append((mixed, float(similarity[i, j]), labels[i], labels[j]))
+    pairs.sort(key=lambda pair: (-pair[0], -pair[1]))
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = similarity.argmax(axis=1)
+    weakest = sorted(labels, key=lambda label: (field_accuracy.get(label, 1.0), label))
+    return {
+        "pairs": [
+            {"items": [a, b], "mixed": mixed, "prototype_similarity": round(sim, 4)}
+            for mixed, sim, a, b in pairs[:CONFUSABLE_PAIRS]
+        ],
+        "needs_views": [
+            {
+                "item": label,
+                "field_accuracy": round(field_accuracy[label], 4),
+                "views": counts.get(label, 0),
+                "closest_item": labels[int(nearest[labels.index(label)])],
+            }
+            for label in weakest
+            if label in field_accuracy and field_accuracy[label] < 1.0
+        ],
+    }
+
+
 def search_summary(search: GridSearchCV, seconds: float) -> dict[str, Any]:
     """Best parameters and every candidate's CV accuracy (mean and spread)."""
     results = search.cv_results_

@@ -617,8 +617,8 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
     text = (
         f"<p>Threshold {no_match['threshold']:.4f} on the similarity to the nearest catalogue "
         f"view: it turns {100 * no_match['false_reject_rate']:.1f} % of the "
-        f'{no_match["matched_holdout"]} correct held-out matches into "no match" and '
-        f"{_e(measured)}.</p>"
+        f"{no_match['matched_holdout']} correct held-out matches (the photos as taken and as "
+        f'field photos) into "no match" and {_e(measured)}.</p>'
     )
     picture = _picture(
         "no_match.png",
@@ -626,7 +626,68 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
         "no-match curve",
     )
     pictures.append(picture)
-    return text + _figure(picture, "False rejects and false accepts against the threshold")
+    by_views = report.get("no_match_views") or {}
+    views = report.get("views") or {}
+    table = _table(
+        "no-match-views",
+        ["Views", "Per photo", "Threshold", "False rejects", "Outside let through", "Field top-1"],
+        [
+            (
+                mode,
+                views.get(mode, {}).get("views_per_photo", ""),
+                f"{found['threshold']:.4f}",
+                f"{100 * found['false_reject_rate']:.1f} %",
+                "-"
+                if found["false_accept_rate"] is None
+                else f"{100 * found['false_accept_rate']:.1f} %",
+                f"{100 * views.get(mode, {}).get('field_accuracy', float('nan')):.1f} %",
+            )
+            for mode, found in by_views.items()
+        ],
+    )
+    return (
+        text
+        + _figure(picture, "False rejects and false accepts against the threshold")
+        + ("<p>Each views mode of a request has its own threshold:</p>" + table if by_views else "")
+    )
+
+
+def _confusable_html(report: dict[str, Any]) -> str:
+    confusable = report.get("confusable")
+    if not confusable:
+        return _note("This run predates the confusable-items table; train again to see it.")
+    pairs = _table(
+        "confusable-pairs",
+        ["Items", "Mixed up (held-out photos and field versions)", "Mean views' similarity"],
+        [
+            (" / ".join(pair["items"]), pair["mixed"], f"{pair['prototype_similarity']:.3f}")
+            for pair in confusable["pairs"]
+        ],
+    )
+    weak = confusable["needs_views"]
+    needs = (
+        _table(
+            "needs-views",
+            ["Item", "Right on field versions", "Views", "Closest item"],
+            [
+                (
+                    row["item"],
+                    f"{100 * row['field_accuracy']:.0f} %",
+                    row["views"],
+                    row["closest_item"],
+                )
+                for row in weak
+            ],
+        )
+        if weak
+        else _note("Every item's field versions were ranked right.")
+    )
+    return (
+        "<p>Pairs of items the matcher mixed up, then the pairs whose mean views are most "
+        "alike (the next to be mixed up). Below, the items ranked worst on field versions of "
+        "their held-out photos (turned, cropped, small on clutter, blurred): photograph more "
+        "views of these, in the conditions they fail in.</p>" + pairs + needs
+    )
 
 
 def _baselines_html(report: dict[str, Any]) -> str:
@@ -732,6 +793,7 @@ def write_visual_report(
         ("grid", "Grid search", _grid_html(report["search"], pictures)),
         ("tsne", "Feature space (t-SNE)", _tsne_html(features, pictures)),
         ("no-match", "No match", _no_match_html(report, pictures)),
+        ("confusable", "Confusable items", _confusable_html(report)),
         (
             "bottleneck",
             "One image's feature vector",

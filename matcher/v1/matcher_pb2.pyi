@@ -7,36 +7,51 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Views(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VIEWS_UNSPECIFIED: _ClassVar[Views]
+    VIEWS_WHOLE: _ClassVar[Views]
+    VIEWS_CROPS: _ClassVar[Views]
+    VIEWS_CROPS_ROTATIONS: _ClassVar[Views]
+
 class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VERDICT_UNSPECIFIED: _ClassVar[Verdict]
     MATCH: _ClassVar[Verdict]
     NO_MATCH: _ClassVar[Verdict]
+VIEWS_UNSPECIFIED: Views
+VIEWS_WHOLE: Views
+VIEWS_CROPS: Views
+VIEWS_CROPS_ROTATIONS: Views
 VERDICT_UNSPECIFIED: Verdict
 MATCH: Verdict
 NO_MATCH: Verdict
 
 class ImageRequest(_message.Message):
-    __slots__ = ("image", "top_k", "no_match_threshold")
+    __slots__ = ("image", "top_k", "no_match_threshold", "views")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     no_match_threshold: float
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., no_match_threshold: _Optional[float] = ...) -> None: ...
+    views: Views
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
-    __slots__ = ("label", "score", "reference_id", "similarity")
+    __slots__ = ("label", "score", "reference_id", "similarity", "query_view")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VIEW_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     reference_id: str
     similarity: float
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., reference_id: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
+    query_view: str
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., reference_id: _Optional[str] = ..., similarity: _Optional[float] = ..., query_view: _Optional[str] = ...) -> None: ...
 
 class ModelIdentity(_message.Message):
     __slots__ = ("backbone", "model_version", "classifier_sha256")
@@ -49,18 +64,20 @@ class ModelIdentity(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., model_version: _Optional[int] = ..., classifier_sha256: _Optional[str] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("matches", "model", "verdict", "verdict_score", "threshold")
+    __slots__ = ("matches", "model", "verdict", "verdict_score", "threshold", "views")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     VERDICT_SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[LabelScore]
     model: ModelIdentity
     verdict: Verdict
     verdict_score: float
     threshold: float
-    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., verdict_score: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    views: Views
+    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., verdict_score: _Optional[float] = ..., threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ...) -> None: ...
 
 class GetReferenceRequest(_message.Message):
     __slots__ = ("reference_id",)
@@ -93,7 +110,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold")
+    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold", "default_views")
     class ClassifierParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +130,7 @@ class ModelInfo(_message.Message):
     FEATURE_LAYER_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VIEWS_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
     input_size: int
@@ -125,4 +143,5 @@ class ModelInfo(_message.Message):
     feature_layer: str
     reference_views: int
     no_match_threshold: float
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ...) -> None: ...
+    default_views: Views
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., default_views: _Optional[_Union[Views, str]] = ...) -> None: ...

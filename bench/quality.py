@@ -1,0 +1,173 @@
+"""Matching quality on field photos: top-1, top-5 and the no-match verdict, per query kind,
+per matcher and per views mode, with the latency each costs.
+
+The catalogue is `bench.quality_data`'s (16 items from real photos shipped in packages, 40
+careful training views each; queries rotated, cropped, on clutter, blurred, a second real
+photo; and photos of things outside the catalogue). Each matcher is trained the way a user
+trains one, `python -m train DATA --matcher M` with its defaults (the outside photos of
+`DATA/_outside/` calibrate the thresholds), and every query goes through the matcher core's
+`match` with that mode's calibrated threshold, one at a time, so the latency is a single
+request's on an idle server.
+
+    .venv/bin/python -m bench.quality [--matchers svm,knn,prototype] \\
+        [--views whole,crops,crops_rotations] [--json build/bench-quality.json]
+
+"refused" is the share of outside photos answered NO_MATCH; "false rejects" the share of the
+correctly ranked catalogue queries answered NO_MATCH (the calibration aims at 2 % on held-out
+training views, so on harder field photos it is higher: the figure to read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.quality_data import KINDS, OUTSIDE, build
+from matcher.settings import CoreSettings
+from matcher.views import VIEW_MODES
+
+MATCHERS = ("svm", "knn", "prototype")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
+    default = CoreSettings.model_fields["model_dir"].default
+    parser.add_argument("--model-dir", type=Path, default=default, help=f"({default})")
+    parser.add_argument("--work", type=Path, default=Path("build/quality"), help="(build/quality)")
+    parser.add_argument("--matchers", default=",".join(MATCHERS), help="(svm,knn,prototype)")
+    parser.add_argument("--views", default=",".join(VIEW_MODES), help="(all modes)")
+    parser.add_argument("--train-views", type=int, default=40, help="per item (40)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def train_run(data: Path, out: Path, matcher: str, model_dir: Path, cache: Path) -> float:
+    """Train as a user does (the CLI, its defaults); the seconds it took."""
+    command = [sys.executable, "-m", "train", str(data), "--out", str(out)]
+    command += ["--model-dir", str(model_dir), "--matcher", matcher, "--cache-dir", str(cache)]
+    command += ["--no-progress", "--no-report"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+async def evaluate(
+    run: Path, model_dir: Path, queries: dict[str, list[tuple[Path, str]]], modes: list[str]
+) -> dict[str, Any]:
+    """Every query through the core, for each mode: the figures of one trained run."""
+    from matcher.factory import make_core
+
+    core = make_core(CoreSettings(model_dir=model_dir, classifier=run))
+    await asyncio.to_thread(core.load)
+    figures: dict[str, Any] = {}
+    try:
+        for mode in modes:
+            figures[mode] = await _evaluate_mode(core, queries, mode)
+    finally:
+        await core.close()
+    return figures
+
+
+async def _evaluate_mode(core: Any, queries: dict[str, list[tuple[Path, str]]], mode: str) -> Any:
+    hits: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)  # top-1, top-5, refused
+    latency: list[float] = []
+    threshold = None
+    todo = [(kind, path, label) for kind, found in queries.items() for path, label in found]
+    for kind, path, label in tqdm(todo, desc=mode, unit="query", leave=False):
+        data = path.read_bytes()
+        started = time.perf_counter()
+        result = await core.match(data, top_k=5, views=mode)
+        latency.append(time.perf_counter() - started)
+        names = [m.label for m in result.matches]
+        refused = result.verdict is not None and not result.verdict.matched
+        threshold = result.verdict.threshold if result.verdict else None
+        hits[kind].append((names[0] == label, label in names, refused))
+    catalogue = [hit for kind, found in hits.items() if kind != "outside" for hit in found]
+    correct = [hit for hit in catalogue if hit[0]]
+    latency.sort()
+    return {
+        "top1": _share(h[0] for h in catalogue),
+        "top5": _share(h[1] for h in catalogue),
+        "by_kind": {kind: _share(h[0] for h in hits[kind]) for kind in KINDS if kind in hits},
+        "outside_refused": _share(h[2] for h in hits.get("outside", [])),
+        "false_rejects": _share(h[2] for h in correct),
+        "threshold": threshold,
+        "latency_ms": {
+            "p50": round(1000 * statistics.median(latency), 1),
+            "p95": round(1000 * latency[int(0.95 * (len(latency) - 1))], 1),
+        },
+        "queries": len(catalogue),
+        "outside": len(hits.get("outside", [])),
+    }
+
+
+def _share(values: Any) -> float:
+    flags = list(values)
+    return round(sum(flags) / len(flags), 4) if flags else float("nan")
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    kinds = [kind for kind in KINDS]
+    short = {"cluttered_rotated": "clut+rot", "second_photo": "2nd photo"}
+    header = f"{'matcher':10s} {'views':16s} {'top-1':>6s} {'top-5':>6s} "
+    header += " ".join(f"{short.get(k, k)[:9]:>9s}" for k in kinds)
+    header += f" {'refused':>8s} {'false rej':>9s} {'thresh':>7s} {'p50 ms':>7s} {'p95 ms':>7s}"
+    print(header)
+    for matcher, modes in results.items():
+        for mode, row in modes.items():
+            line = f"{matcher:10s} {mode:16s} {row['top1']:6.1%} {row['top5']:6.1%} "
+            line += " ".join(f"{row['by_kind'].get(k, float('nan')):9.1%}" for k in kinds)
+            threshold = row["threshold"] if row["threshold"] is not None else float("nan")
+            line += f" {row['outside_refused']:8.1%} {row['false_rejects']:9.1%} {threshold:7.3f}"
+            line += f" {row['latency_ms']['p50']:7.1f} {row['latency_ms']['p95']:7.1f}"
+            print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    matchers = [m for m in args.matchers.split(",") if m]
+    modes = [m for m in args.views.split(",") if m]
+    unknown = sorted(set(matchers) - set(MATCHERS)) + sorted(set(modes) - set(VIEW_MODES))
+    if unknown:
+        print(f"bench.quality: unknown matcher or views: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if not any(args.model_dir.glob("*/saved_model.pb")):
+        print(f"bench.quality: no SavedModel under {args.model_dir}; run `make export`")
+        return 2
+    data = build(args.work / "data", train_views=args.train_views)
+    queries = dict(data.queries)
+    print(
+        f"{len(data.labels)} items x {args.train_views} training views; "
+        + ", ".join(f"{len(v)} {k}" for k, v in queries.items())
+        + f" (outside photos under {OUTSIDE})"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for matcher in matchers:
+        run = args.work / "runs" / matcher
+        seconds[matcher] = train_run(
+            data.out / "train", run, matcher, args.model_dir, args.work / "cache"
+        )
+        results[matcher] = asyncio.run(evaluate(run, args.model_dir, queries, modes))
+        print(f"trained and evaluated {matcher} (training {seconds[matcher]:.0f} s)")
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"items": len(data.labels), "training_seconds": seconds, "results": results}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Views of training photos through the backbone: turned references, and per-mode thresholds.
+
+Both cut photos with `matcher.views`, the code the server cuts query photos with:
+
+- **Turned references** (`turned_features`): each catalogue photo turned by 90, 180 and 270
+  degrees joins the index beside it (ids `<photo id>@90`, ...), so a field photo taken at any
+  angle meets a reference at most 45 degrees from it. It costs training three more backbone
+  passes per photo and the query nothing; `train --no-turned-views` leaves them out.
+- **A no-match threshold for each views mode** (`calibrate_views`): looking at more views of a
+  photo raises its best similarity, for catalogue photos and outside ones alike, so the whole
+  photo's threshold would let more outside photos through when a request asks for crops. The
+  held-out photos, their field versions (`train.field_photos`) and the outside photos are cut
+  into that mode's views, each view is searched in the training views' index, each photo keeps
+  its best view per label (as the core merges them), and `matcher.calibration.calibrate` picks
+  the threshold.
+
+Features of views are cached like those of files (`FeatureCache`, by the sha256 of the encoded
+view, which the cut makes byte for byte the same each run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from matcher.backends.base import FeatureExtractor
+from matcher.calibration import NoMatchCalibration, calibrate
+from matcher.classifier import merge_views
+from matcher.extraction import FeatureCache
+from matcher.images import ImageLimits, for_graph, inspect_image
+from matcher.index import CatalogueIndex
+from matcher.layout import TURN_MARK
+from matcher.views import PLANS, TURNED, QueryView, render
+from train.field_photos import PER_PHOTO, field_versions
+
+log = logging.getLogger(__name__)
+
+#: Scores [N, L] of feature rows for each label (higher is better), in `CatalogueIndex.labels`
+#: order: what the run's matcher ranks by.
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def photo_views(
+    photos: Iterable[bytes],
+    count: int,
+    plan: Sequence[QueryView],
+    backend: FeatureExtractor,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    what: str = "views",
+) -> np.ndarray:
+    """float32 [count, len(plan), D]: the features of each photo's views, as the server
+    computes them, for `count` encoded photos (readable ones: extraction read them first)."""
+    side = backend.info.input_size
+    dim = backend.info.feature_dim
+    features = np.zeros((count * len(plan), dim), np.float32)
+    pending: list[tuple[int, bytes, str]] = []  # row, view, sha256
+
+    def flush() -> None:
+        computed = backend.features([view for _, view, _ in pending])
+        for (row, _, digest), vector in zip(pending, computed, strict=True):
+            features[row] = vector
+            if cache:
+                cache.put(digest, vector)
+        pending.clear()
+
+    row = 0
+    for data in tqdm(photos, total=count, desc=what, unit="photo", disable=not progress):
+        for view in render(for_graph(data, inspect_image(data, ImageLimits())), plan, side):
+            digest = hashlib.sha256(view).hexdigest()
+            found = cache.get(digest) if cache else None
+            if found is not None and found.shape == (dim,):
+                features[row] = found
+            else:
+                pending.append((row, view, digest))
+                if len(pending) >= batch_size:
+                    flush()
+            row += 1
+    if pending:
+        flush()
+    if row != len(features):
+        raise ValueError(f"expected {count} photos, got {row // len(plan)}")
+    return features.reshape(count, len(plan), dim)
+
+
+def _read(paths: Sequence[Path]) -> Iterator[bytes]:
+    return (path.read_bytes() for path in paths)
+
+
+def turned_features(
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    backend: FeatureExtractor,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """Features [3 N, D] of each photo's quarter turns, and their ids, photo by photo."""
+    features = photo_views(
+        _read(paths), len(paths), TURNED, backend, cache, batch_size, progress, "turned views"
+    )
+    turned_ids = [f"{photo}{TURN_MARK}{90 * view.turn}" for photo in ids for view in TURNED]
+    return features.reshape(-1, features.shape[-1]), turned_ids
+
+
+@dataclass(frozen=True)
+class ViewsCalibration:
+    """A views mode's threshold and the held-out accuracy the matcher reached with it."""
+
+    calibration: NoMatchCalibration
+    #: Top-1 on the held-out photos as they are, and on their field versions.
+    holdout_accuracy: float
+    field_accuracy: float
+    #: Each field version's true label and the label the matcher ranked first.
+    field_truth: list[str]
+    field_predicted: list[str]
+
+    def field_accuracy_by_label(self) -> dict[str, float]:
+        truth, predicted = np.array(self.field_truth), np.array(self.field_predicted)
+        return {
+            str(label): float(np.mean(predicted[truth == label] == label))
+            for label in set(self.field_truth)
+        }
+
+
+def calibrate_views(
+    mode: str,
+    seen: CatalogueIndex,
+    held_out: tuple[Sequence[Path], Sequence[str]],
+    outside: Sequence[Path],
+    score: Scorer,
+    matcher: str,
+    backend: FeatureExtractor,
+    target: float,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> ViewsCalibration:
+    """The threshold for `mode`: held-out photos as they are and as field photos
+    (`train.field_photos`), searched in `seen`, the training views; outside photos measure it."""
+    paths, labels = held_out
+    plan = PLANS[mode]
+    args = (plan, backend, cache, batch_size, progress)
+    as_taken = photo_views(_read(paths), len(paths), *args, f"{mode}: held-out")
+    field = photo_views(
+        field_versions(paths), PER_PHOTO * len(paths), *args, f"{mode}: field versions"
+    )
+    taken_nearest, taken_top = _best(as_taken, seen, score, matcher)
+    field_nearest, field_top = _best(field, seen, score, matcher)
+    truth, names = np.array(labels), np.array(seen.labels)
+    field_truth, field_predicted = np.repeat(truth, PER_PHOTO), names[field_top]
+    taken_correct = names[taken_top] == truth
+    field_correct = field_predicted == field_truth
+    beyond = photo_views(_read(outside), len(outside), *args, f"{mode}: outside photos")
+    matched = np.concatenate([taken_nearest[taken_correct], field_nearest[field_correct]])
+    return ViewsCalibration(
+        calibrate(matched, _best(beyond, seen, score, matcher)[0], target),
+        float(taken_correct.mean()),
+        float(field_correct.mean()),
+        field_truth.tolist(),
+        field_predicted.tolist(),
+    )
+
+
+def _best(
+    photos: np.ndarray, seen: CatalogueIndex, score: Scorer, matcher: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's nearest-view similarity over all its views, and its top label's column,
+    its views merged as the server merges a request's (`matcher.classifier.merge_views`)."""
+    if len(photos) == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    count, views, dim = photos.shape
+    stacked = photos.reshape(count * views, dim)
+    similarity = seen.search(stacked).similarity.reshape(count, views, -1)
+    scores = np.asarray(score(stacked)).reshape(count, views, -1)
+    top = [
+        int(np.argmax(merge_views(matcher, s, n))) for s, n in zip(scores, similarity, strict=True)
+    ]
+    return similarity.max(axis=(1, 2)), np.array(top, dtype=np.int64)
