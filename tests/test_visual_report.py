@@ -218,6 +218,26 @@ def test_the_no_match_section_states_the_threshold_and_its_rates(full_report, tr
     assert f"{no_match['outside_photos']} photos of things outside the catalogue" in page.all_text
 
 
+def test_each_views_mode_and_the_confusable_items_are_tabulated(full_report, trained) -> None:
+    _, _, page = full_report
+    by_views = trained.report["no_match_views"]
+    rows = page.tables["no-match-views"]["body"]
+    assert [row[0] for row in rows] == list(by_views)
+    assert [row[2] for row in rows] == [f"{found['threshold']:.4f}" for found in by_views.values()]
+    confusable = trained.report["confusable"]
+    pairs = page.tables["confusable-pairs"]["body"]
+    assert [row[0] for row in pairs] == [" / ".join(p["items"]) for p in confusable["pairs"]]
+    assert [int(row[1]) for row in pairs] == [p["mixed"] for p in confusable["pairs"]]
+    # Most mixed first; all pairs are distinct items of the catalogue.
+    mixed = [p["mixed"] for p in confusable["pairs"]]
+    assert mixed == sorted(mixed, reverse=True)
+    labels = set(trained.report["holdout"]["labels"])
+    assert all(len(set(p["items"]) & labels) == 2 for p in confusable["pairs"])
+    for row in confusable["needs_views"]:
+        assert row["item"] in labels and row["closest_item"] in labels - {row["item"]}
+        assert 0 <= row["field_accuracy"] < 1
+
+
 def test_no_baselines_table_without_baselines(full_report, trained) -> None:
     _, _, page = full_report
     assert "baselines" not in trained.report
