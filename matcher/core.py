@@ -167,14 +167,15 @@ class MatcherCore:
         A run calibrated before multi-view queries has only the whole photo's threshold: the
         verdict is then judged on the whole view, which that threshold fits."""
         catalogue = merged.whole.classifier.catalogue
-        if merged.nearest is None or catalogue is None:
+        whole = merged.whole.nearest
+        if merged.nearest is None or whole is None or catalogue is None:
             return None
         if (
             requested is None
             and self._no_match_threshold is None
             and mode not in catalogue.thresholds
         ):
-            threshold, similarity = catalogue.threshold, merged.whole.nearest[0]  # type: ignore[index]
+            threshold, similarity = catalogue.threshold, whole[0]
         else:
             threshold = _first_set(
                 requested, self._no_match_threshold, catalogue.thresholds.get(mode)

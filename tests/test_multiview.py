@@ -140,3 +140,17 @@ async def test_a_run_calibrated_on_whole_photos_only_judges_the_whole_view(
     assert crops.verdict is not None and whole.verdict is not None
     assert crops.verdict.threshold == whole.verdict.threshold == report["no_match"]["threshold"]
     assert crops.verdict.score == pytest.approx(whole.verdict.score)
+
+
+async def test_a_damaged_photo_with_crops_is_an_invalid_argument_and_serving_goes_on(
+    stub, demo
+) -> None:
+    label, path = query_images(demo)[0]
+    data = path.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:200] + b"\0" * 4000):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await match(stub, damaged, views=matcher_pb2.VIEWS_CROPS)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith("image could not be decoded")
+    answer = await match(stub, data, views=matcher_pb2.VIEWS_CROPS)
+    assert answer.matches[0].label == label
