@@ -26,7 +26,8 @@ def _default(field: str) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train the SVM on backbone features of DATA/<label>/<image> files.",
+        description="Train a matcher (knn, prototype or the SVM) on backbone features of "
+        "DATA/<label>/<image> files.",
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="folder of label folders")
     parser.add_argument(

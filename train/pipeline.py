@@ -1,8 +1,10 @@
-"""Labelled folder -> features (through the serving backend) -> SVM grid search -> files.
+"""Labelled folder -> features (through the serving backend) -> matcher -> files.
 
-The run folder gets the classifier (`classifier.skops`, or `classifier.joblib` with
-`format="joblib"`), `report.json`, `features.npz` and, last, `manifest.json` with every file's
-sha256: the service refuses a classifier the manifest does not vouch for.
+The run folder gets the catalogue index (`index.npz`: every photo and its quarter turns) with
+its thumbnails, for `--matcher svm` the classifier (`classifier.skops`, or `classifier.joblib`
+with `format="joblib"`), `report.json` (with a no-match threshold per views mode, calibrated on
+held-out photos and field versions of them), `features.npz` and, last, `manifest.json` with
+every file's sha256: the service refuses a classifier the manifest does not vouch for.
 """
 
 from __future__ import annotations
