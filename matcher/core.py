@@ -51,7 +51,7 @@ class _Answer:
     """One image's answer and the models that computed it."""
 
     features: np.ndarray
-    #: Each label's score (`Classifier.scores`): views of one photo merge by a maximum.
+    #: Each label's score (`Classifier.scores`); a photo's views merge by `merge_views`.
     scores: np.ndarray
     classifier: Classifier
     model: ModelIdentity

@@ -84,17 +84,27 @@ def for_graph(data: bytes, header: ImageHeader) -> bytes:
     and an encode; call it off an event loop)."""
     if not header.needs_rewrite:
         return data
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # RGB, as the graph's decoder gives (channels=3 drops alpha and expands grey).
-            pixels = ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as exc:  # Pillow (and libheif) raise many kinds on damaged data
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, for the caller
-        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
+    pixels = decode_upright(data)
     buffer = io.BytesIO()
     # Lossless, and the fastest level: the graph decodes it again at once.
     pixels.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def decode_upright(data: bytes, longest: int | None = None) -> Image.Image:
+    """The first frame of `data`, turned upright by its EXIF orientation, as RGB, as the graph's
+    decoder gives it (channels=3 drops alpha and expands grey). With `longest`, a JPEG decodes
+    at the reduced DCT scale that still keeps that many pixels a side (blocking).
+
+    InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if longest is not None:
+                image.draft("RGB", (longest, longest))
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as exc:  # Pillow (and libheif) raise many kinds on damaged data
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, for the caller
+        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:

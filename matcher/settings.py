@@ -123,7 +123,7 @@ class CoreSettings(BackendSettings):
     views: ViewMode = Field(
         DEFAULT_VIEWS,
         description="How thoroughly Match looks at a photo when the request does not say: "
-        "`whole` (the photo alone), `crops` (and a 3 x 3 grid of half-size crops: 10 model "
+        "`whole` (the photo alone), `crops` (and a 3 x 3 grid of crops 0.4 of its sides: 10 model "
         "calls' worth of work) or `crops_rotations` (and the photo turned by quarter turns: "
         "13). Each has its own no-match threshold, calibrated at training.",
     )

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from matcher.errors import InvalidImageError, InvalidRequestError
+from matcher.errors import InvalidRequestError
+from matcher.images import decode_upright
 
 #: The modes, cheapest first; each is a `QueryView` plan below.
 ViewMode = Literal["whole", "crops", "crops_rotations"]
@@ -123,14 +124,7 @@ def _largest_needed(plan: Sequence[QueryView], input_side: int) -> int:
 
 
 def _decode(data: bytes, longest: int) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # A JPEG decodes at a reduced DCT scale when it is far larger than needed.
-            image.draft("RGB", (longest, longest))
-            photo = ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as exc:  # Pillow raises many kinds on damaged data
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
+    photo = decode_upright(data, longest)
     if max(photo.size) > longest:
         photo.thumbnail((longest, longest), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return photo

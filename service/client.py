@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from service.converters import VIEWS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,12 +64,6 @@ def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-#: The `--views` choices and the request's Views values.
-VIEWS = {
-    "whole": matcher_pb2.VIEWS_WHOLE,
-    "crops": matcher_pb2.VIEWS_CROPS,
-    "crops_rotations": matcher_pb2.VIEWS_CROPS_ROTATIONS,
-}
 _VERDICTS = {matcher_pb2.MATCH: "MATCH", matcher_pb2.NO_MATCH: "NO MATCH"}
 
 

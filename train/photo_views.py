@@ -131,7 +131,7 @@ class ViewsCalibration:
 
 
 def calibrate_views(
-    mode: str,
+    modes: Sequence[str],
     seen: CatalogueIndex,
     held_out: tuple[Sequence[Path], Sequence[str]],
     outside: Sequence[Path],
@@ -142,31 +142,39 @@ def calibrate_views(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: bool = False,
-) -> ViewsCalibration:
-    """The threshold for `mode`: held-out photos as they are and as field photos
-    (`train.field_photos`), searched in `seen`, the training views; outside photos measure it."""
+) -> dict[str, ViewsCalibration]:
+    """The threshold of each of `modes`: held-out photos as they are and as field photos
+    (`train.field_photos`), searched in `seen`, the training views; outside photos measure it.
+
+    The modes' plans nest (each is the start of the next), so every photo is cut and run
+    through the backbone once, for the widest plan, and each mode reads its first views."""
+    widest = max((PLANS[mode] for mode in modes), key=len)
+    if any(PLANS[mode] != widest[: len(PLANS[mode])] for mode in modes):
+        raise ValueError(f"the plans of {list(modes)} do not nest")
     paths, labels = held_out
-    plan = PLANS[mode]
-    args = (plan, backend, cache, batch_size, progress)
-    as_taken = photo_views(_read(paths), len(paths), *args, f"{mode}: held-out")
-    field = photo_views(
-        field_versions(paths), PER_PHOTO * len(paths), *args, f"{mode}: field versions"
-    )
-    taken_nearest, taken_top = _best(as_taken, seen, score, matcher)
-    field_nearest, field_top = _best(field, seen, score, matcher)
+    args = (widest, backend, cache, batch_size, progress)
+    as_taken = photo_views(_read(paths), len(paths), *args, "held-out views")
+    field = photo_views(field_versions(paths), PER_PHOTO * len(paths), *args, "field versions")
+    beyond = photo_views(_read(outside), len(outside), *args, "outside views")
     truth, names = np.array(labels), np.array(seen.labels)
-    field_truth, field_predicted = np.repeat(truth, PER_PHOTO), names[field_top]
-    taken_correct = names[taken_top] == truth
-    field_correct = field_predicted == field_truth
-    beyond = photo_views(_read(outside), len(outside), *args, f"{mode}: outside photos")
-    matched = np.concatenate([taken_nearest[taken_correct], field_nearest[field_correct]])
-    return ViewsCalibration(
-        calibrate(matched, _best(beyond, seen, score, matcher)[0], target),
-        float(taken_correct.mean()),
-        float(field_correct.mean()),
-        field_truth.tolist(),
-        field_predicted.tolist(),
-    )
+    field_truth = np.repeat(truth, PER_PHOTO)
+    found = {}
+    for mode in modes:
+        views = len(PLANS[mode])
+        taken_nearest, taken_top = _best(as_taken[:, :views], seen, score, matcher)
+        field_nearest, field_top = _best(field[:, :views], seen, score, matcher)
+        field_predicted = names[field_top]
+        taken_correct = names[taken_top] == truth
+        field_correct = field_predicted == field_truth
+        matched = np.concatenate([taken_nearest[taken_correct], field_nearest[field_correct]])
+        found[mode] = ViewsCalibration(
+            calibrate(matched, _best(beyond[:, :views], seen, score, matcher)[0], target),
+            float(taken_correct.mean()),
+            float(field_correct.mean()),
+            field_truth.tolist(),
+            field_predicted.tolist(),
+        )
+    return found
 
 
 def _best(
@@ -177,7 +185,7 @@ def _best(
     if len(photos) == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     count, views, dim = photos.shape
-    stacked = photos.reshape(count * views, dim)
+    stacked = np.ascontiguousarray(photos).reshape(count * views, dim)
     similarity = seen.search(stacked).similarity.reshape(count, views, -1)
     scores = np.asarray(score(stacked)).reshape(count, views, -1)
     top = [

@@ -148,20 +148,16 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     outside_photos = _outside_photos(backend, cache, config)
     # Each views mode the server offers gets its threshold, on that mode's views.
     scorer = _scorer(config.matcher, seen, search.best_estimator_ if search else None)
-    by_views = {
-        mode: _calibrate(
-            mode,
-            seen,
-            [kept_paths[i] for i in test_idx],
-            y_test,
-            outside_photos,
-            scorer,
-            backend,
-            cache,
-            config,
-        )
-        for mode in VIEW_MODES
-    }
+    by_views = _calibrate(
+        seen,
+        [kept_paths[i] for i in test_idx],
+        y_test,
+        outside_photos,
+        scorer,
+        backend,
+        cache,
+        config,
+    )
     no_match = by_views["whole"].calibration
     # Staged under a temporary name and put in place only next to the manifest (below): a
     # server watching this folder never sees a new classifier beside an old manifest.
@@ -175,9 +171,10 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     )
     # Every kept view is a reference: the held-out ones were only held out to measure.
     everything = np.arange(len(labels))
-    CatalogueIndex.build(*_with_turned(extraction.features, labels, ids, turned, everything)).save(
-        config.out / INDEX_FILE
+    index = CatalogueIndex.build(
+        *_with_turned(extraction.features, labels, ids, turned, everything)
     )
+    index.save(config.out / INDEX_FILE)
     write_thumbnails(config.out, kept_paths, ids)
     # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
     sha256 = file_sha256(staged if staged else config.out / INDEX_FILE)
@@ -216,7 +213,7 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     report["matcher"] = config.matcher
     report["index"] = {
         "file": INDEX_FILE,
-        "views": len(ids) * (1 + (len(TURNED) if turned else 0)),
+        "views": index.size,
         "photos": len(ids),
         "turned_views": bool(turned),
         "references": REFERENCES_DIR,
@@ -292,7 +289,6 @@ def _outside_photos(
 
 
 def _calibrate(
-    mode: str,
     seen: CatalogueIndex,
     paths: list[Path],
     labels: list[str],
@@ -301,10 +297,10 @@ def _calibrate(
     backend: FeatureExtractor,
     cache: FeatureCache | None,
     config: TrainConfig,
-) -> ViewsCalibration:
-    """The no-match threshold of one views mode (`train.photo_views.calibrate_views`)."""
-    found = calibrate_views(
-        mode,
+) -> dict[str, ViewsCalibration]:
+    """The no-match threshold of each views mode (`train.photo_views.calibrate_views`)."""
+    by_views = calibrate_views(
+        VIEW_MODES,
         seen,
         (paths, labels),
         outside,
@@ -316,19 +312,20 @@ def _calibrate(
         config.batch_size,
         config.progress,
     )
-    calibration = found.calibration
-    rate = calibration.false_accept_rate
-    log.info(
-        "no-match threshold (%s) %.4f: rejects %.1f %% of %d correct held-out matches; %s",
-        mode,
-        calibration.threshold,
-        100 * calibration.false_reject_rate,
-        calibration.matched_holdout,
-        f"accepts {100 * rate:.1f} % of {calibration.outside_photos} outside photos"
-        if rate is not None
-        else "no outside photos to measure false accepts (DATA/_outside/ or --outside)",
-    )
-    return found
+    for mode, found in by_views.items():
+        calibration = found.calibration
+        rate = calibration.false_accept_rate
+        log.info(
+            "no-match threshold (%s) %.4f: rejects %.1f %% of %d correct held-out matches; %s",
+            mode,
+            calibration.threshold,
+            100 * calibration.false_reject_rate,
+            calibration.matched_holdout,
+            f"accepts {100 * rate:.1f} % of {calibration.outside_photos} outside photos"
+            if rate is not None
+            else "no outside photos to measure false accepts (DATA/_outside/ or --outside)",
+        )
+    return by_views
 
 
 #: A run's turned reference views: their features [3 N, D] (photo by photo), labels and ids.
