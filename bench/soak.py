@@ -12,8 +12,9 @@ first sample after warm-up.
         --image deploy/ghz/chelsea.jpg [--duration-s 1200] [--concurrency 8] [--sample-s 10] \
         [--warmup-s 60] [--json out.json]
 
-Each sample period is one bench/load.py run on a fresh channel that lets its last requests
-finish, so no request is cut off between periods. Ctrl-C ends the run early with a verdict on
+Each sample period is one bench/load.py run of --sample-s on a fresh channel that lets its last
+requests finish, so no request is cut off between periods; the run is ceil(duration / sample)
+periods, so a slow machine takes every sample asked for (and runs a little longer). Ctrl-C ends the run early with a verdict on
 what was measured. Exit status: 0 when no request failed and memory stayed within the limit;
 1 otherwise, or when the server could not start or died; 2 for bad arguments.
 """
@@ -122,15 +123,18 @@ async def soak(
     errors: Counter[str] = Counter()
     requests = 0
     started = time.monotonic()
-    while not (stop is not None and stop.is_set()):
-        remaining = config.duration_s - (time.monotonic() - started)
-        if remaining <= 0:
+    # A fixed number of periods, not "until the clock says": each period lets its last
+    # requests finish, so on a slow machine periods run long, and a clock-driven loop would
+    # take fewer samples than asked for.
+    periods = math.ceil(config.duration_s / config.sample_s - 1e-9)
+    for period in range(periods):
+        if stop is not None and stop.is_set():
             break
         load = LoadConfig(
             target=target,
             images=images,
             concurrency=config.concurrency,
-            duration=min(config.sample_s, remaining),
+            duration=min(config.sample_s, config.duration_s - period * config.sample_s),
             duration_stop="wait",
             timeout=config.timeout_s,
             insecure=True,
