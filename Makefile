@@ -34,7 +34,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
-	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
+	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -108,6 +108,8 @@ bench: export demo
 	$(PY) -m bench.pipeline --images $(DEMO)/train --json build/bench-pipeline.json \
 		--model-dir $(BENCH_MODELS)/fp32/inception_v3 --model-dir $(BENCH_MODELS)/bf16/inception_v3 \
 		--model-dir $(MODEL_DIR) --model-dir $(BENCH_MODELS)/bf16/efficientnet_lite0
+	$(PY) -m bench.engines --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) \
+		--model-dir $(BENCH_MODELS)/fp32/inception_v3 --json build/bench-engines.json
 	$(PY) -m bench.precision --json build/bench-precision.json
 	$(PY) -m bench.no_match --model-dir $(MODEL_DIR) --json build/bench-no-match.json
 	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --json build/bench-quality.json

@@ -8,7 +8,8 @@ process's own memory, without file pages the kernel may drop), the `.npy` size, 
 ratios to the smallest run's; writes JSON with --json.
 
     .venv/bin/python -m bench.extract_scale --model-dir models/backbones/efficientnet_lite0 \
-        [--sizes 5000,50000] [--scratch /tmp/extract-scale] [--json out.json]
+        [--sizes 5000,50000] [--engine auto|openvino|tensorflow] [--scratch /tmp/extract-scale] \
+        [--json out.json]
 
 The photos are generated once under --scratch (64x64 noise over a colour ramp, each one
 different, so the cache never answers for another); the network resizes them to its input
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.startup import memory_mb
 
@@ -48,12 +50,14 @@ def make_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def extract(model_dir: Path, photos: Path, count: int, out: Path) -> dict[str, float]:
+def extract(
+    model_dir: Path, photos: Path, count: int, out: Path, engine: str = "auto"
+) -> dict[str, Any]:
     """In this process: extract `count` photos; images/s and the process's peak memory."""
     from matcher.backends.embedded import EmbeddedBackend
     from matcher.extraction import FeatureCache, extract_features
 
-    backend = EmbeddedBackend(model_dir)
+    backend = EmbeddedBackend(model_dir, engine=engine)
     backend.load()
     paths = sorted(photos.glob("*/*.jpg"))[:count]
     cache = FeatureCache(out.parent / "cache", backend.info.cache_key)
@@ -70,6 +74,7 @@ def extract(model_dir: Path, photos: Path, count: int, out: Path) -> dict[str, f
         "images_per_s": round(len(extraction.kept) / seconds, 1),
         "peak_rss_mb": round(memory["VmHWM"], 1),
         "npy_mb": round(out.stat().st_size / 2**20, 1),
+        "engine": backend.info.engine,
     }
 
 
@@ -97,7 +102,7 @@ class _AnonPeak:
                 return
 
 
-def run_size(model_dir: Path, scratch: Path, count: int) -> dict[str, float]:
+def run_size(model_dir: Path, scratch: Path, count: int, engine: str) -> dict[str, Any]:
     """One size in a fresh process."""
     run_dir = scratch / f"run-{count}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -114,6 +119,8 @@ def run_size(model_dir: Path, scratch: Path, count: int) -> dict[str, float]:
             str(scratch),
             "--child",
             str(count),
+            "--engine",
+            engine,
         ],
         check=True,
     )
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--sizes", default="5000,50000")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/extract-scale"))
+    parser.add_argument("--engine", default="auto", help="embedded engine (auto)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = args.scratch / "photos"
     if args.child:
         run_dir = args.scratch / f"run-{args.child}"
-        figures = extract(args.model_dir, photos, args.child, run_dir / "features.npy")
+        figures = extract(args.model_dir, photos, args.child, run_dir / "features.npy", args.engine)
         (run_dir / "result.json").write_text(json.dumps(figures))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     make_photos(photos, max(sizes))
     rows = []
     for count in sizes:
-        rows.append({"size": count, **run_size(args.model_dir, args.scratch, count)})
+        rows.append({"size": count, **run_size(args.model_dir, args.scratch, count, args.engine)})
     base = rows[0]
     print(
         f"{'images':>7} {'img/s':>7} {'seconds':>8} {'peak RSS MB':>12} {'vs first':>8} "

@@ -14,9 +14,10 @@ first sample after warm-up.
 
 Each sample period is one bench/load.py run of --sample-s on a fresh channel that lets its last
 requests finish, so no request is cut off between periods; the run is ceil(duration / sample)
-periods, so a slow machine takes every sample asked for (and runs a little longer). Ctrl-C ends the run early with a verdict on
-what was measured. Exit status: 0 when no request failed and memory stayed within the limit;
-1 otherwise, or when the server could not start or died; 2 for bad arguments.
+periods, so a slow machine takes every sample asked for (and runs a little longer). Ctrl-C
+ends the run early with a verdict on what was measured. Exit status: 0 when no request failed
+and memory stayed within the limit; 1 otherwise, or when the server could not start or died;
+2 for bad arguments.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 requests, our metadata and `manifest.json` (every other file's sha256, see
 `integrity.manifest`). The `serving_default` signature maps a 1-D batch of encoded images
 (`images`, tf.string) to `features` (float32 [N, D]); decoding and resizing live in the graph.
+`openvino/` holds the same network for the fast engine (`export.openvino_model`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from export.openvino_model import write_openvino_model
 from integrity.manifest import write_manifest
 from matcher.backbones.builder import Backbone
 from matcher.backends.tfs_api import load_api
@@ -118,6 +120,7 @@ def export_backbone(
         module = FeatureModule(backbone)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _write_assets_extra(staging, name, info)
+        write_openvino_model(backbone, staging)
         # Last, so it covers every file: the service refuses a version that differs from it.
         write_manifest(staging, tool="export", kind="savedmodel")
         _make_readable(staging)

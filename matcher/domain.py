@@ -28,12 +28,22 @@ class BackboneInfo:
     fingerprint: str = ""
     #: The layer pooled into the features, where the backend can tell; else "".
     layer: str = ""
+    #: What runs the network in process ("openvino", "tensorflow"); "" for a remote backend.
+    engine: str = ""
+    #: What the network computes in ("fp32", "bf16"), where the backend can tell; else "".
+    precision: str = ""
 
     @property
     def cache_key(self) -> str:
-        """A name under which features of this model may be cached."""
+        """A name under which features of this model may be cached.
+
+        Both engines give the same float32 features (to a cosine of 0.999), so they share
+        entries; a network run in OpenVINO's bfloat16 differs more and gets its own."""
         key = f"{self.name}-v{self.version}"
-        return f"{key}-{self.fingerprint}" if self.fingerprint else key
+        key = f"{key}-{self.fingerprint}" if self.fingerprint else key
+        return (
+            f"{key}-openvino-bf16" if (self.engine, self.precision) == ("openvino", "bf16") else key
+        )
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ def make_backend(settings: BackendSettings) -> FeatureBackend:
         )
     from matcher.backends.embedded import EmbeddedBackend
 
-    return EmbeddedBackend(settings.model_dir, settings.model_version)
+    return EmbeddedBackend(
+        settings.model_dir, settings.model_version, settings.engine, settings.precision
+    )
 
 
 def make_core(settings: CoreSettings, backend: FeatureBackend | None = None) -> MatcherCore:

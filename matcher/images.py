@@ -1,8 +1,10 @@
 """Checks on encoded images made from their headers, and the few rewritten before the graph.
 
-Decoding happens in the SavedModel's graph; here we only read enough of the file to refuse what
-must not reach it: non-images, unsupported formats, and dimensions that would make decoding
-expensive (a small PNG can declare 100000 x 100000 pixels).
+Decoding happens in the SavedModel's graph (or, in the openvino engine, in `matcher.pixels`);
+here we only read enough of the file to refuse what must not reach it: non-images, unsupported
+formats, dimensions that would make decoding expensive (a small PNG can declare 100000 x 100000
+pixels), and the damage one decoder refuses and the other would accept (a PNG critical chunk
+failing its CRC or a missing IEND, an OS/2 BMP), so both engines answer every file alike.
 
 Two kinds of photo are rewritten first (`for_graph`), in serving and in training alike, so that
 both still share the graph's one decoder: HEIC (phone cameras) and WebP, which the graph cannot
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -34,6 +38,9 @@ _ORIENTATION = 0x0112
 _TURNED = range(2, 9)
 #: BMP pixel modes the decoder gets wrong: it reads palette indices as grey levels.
 _PALETTE_MODES = ("P", "1")
+#: The DIB header size of OS/2 1.x BMPs (16-bit sizes), which the graph's decoder refuses.
+_OS2_BMP_HEADER = 12
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -123,10 +130,42 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
         raise InvalidImageError(
             "palette and 1-bit BMP images are not supported; send a 24-bit BMP, PNG or JPEG"
         )
+    if header.format == "PNG":
+        _check_png_chunks(data)
+    if header.format == "BMP" and _bmp_header_size(data) == _OS2_BMP_HEADER:
+        raise InvalidImageError(
+            "OS/2 1.x BMP headers are not supported; send a Windows BMP, PNG or JPEG"
+        )
     if header.format == "GIF":
         header = _with_largest_frame(header, data)
     _check_size(header, limits)
     return header
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose critical chunks fail their CRC or that has no IEND, as libpng (the
+    graph's decoder) does; Pillow would decode both, and the two engines must agree."""
+    position = len(_PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            break
+        # A critical chunk's type starts with a capital letter; libpng only warns on others.
+        critical = kind[:1].isupper()
+        stored = struct.unpack(">I", data[end - 4 : end])[0]
+        if critical and zlib.crc32(data[position + 4 : end - 4]) != stored:
+            name = kind.decode("latin-1")
+            raise InvalidImageError(f"PNG is damaged: its {name} chunk fails its CRC check")
+        if kind == b"IEND":
+            return
+        position = end
+    raise InvalidImageError("PNG is incomplete: it ends before its IEND chunk (cut short?)")
+
+
+def _bmp_header_size(data: bytes) -> int:
+    """The DIB header's size, which names the BMP variant (12: OS/2 1.x, 40+: Windows)."""
+    return int.from_bytes(data[14:18], "little") if len(data) >= 18 else 0
 
 
 def _with_largest_frame(header: ImageHeader, data: bytes) -> ImageHeader:

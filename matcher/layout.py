@@ -23,6 +23,11 @@ OUTPUT_KEY = "features"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 #: Our description of the exported backbone; TF Serving ignores it.
 MODEL_INFO_FILE = "assets.extra/matcher_model.json"
+#: The OpenVINO model of the same network, written by export beside the SavedModel (TF Serving
+#: ignores it): float32 pixels in, features out (`export.openvino_model`).
+OPENVINO_MODEL_FILE = "openvino/model.xml"
+#: Its input's name: decoded, resized float32 pixels [N, S, S, 3] in 0..255 (`matcher.pixels`).
+OPENVINO_INPUT = "pixels"
 
 # --- a classifier run folder ---
 #: Classifier file per format. skops rebuilds the estimator without running code from the

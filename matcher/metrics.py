@@ -47,6 +47,12 @@ MODELS_LOADED = Gauge(
     "1 for the backbone, its SavedModel version and the classifier file being served.",
     ["backbone", "version", "classifier_sha256"],
 )
+ENGINE = Gauge(
+    "matcher_engine",
+    "1 for what runs the network (openvino, tensorflow; empty for TF Serving) and the "
+    "precision it computes in (fp32, bf16; empty where the backend does not tell).",
+    ["engine", "precision"],
+)
 RELOAD_FAILURES = Counter(
     "matcher_reload_failures", "Hot reloads refused, by model (classifier, backbone).", ["model"]
 )
@@ -61,6 +67,13 @@ def record_models_loaded(backbone: str, backbone_version: int, classifier_sha256
     with _models_lock:
         MODELS_LOADED.clear()
         MODELS_LOADED.labels(backbone, str(backbone_version), classifier_sha256).set(1)
+
+
+def record_engine(engine: str, precision: str) -> None:
+    """Show the engine and precision of the backbone being served (after a load or reload)."""
+    with _models_lock:
+        ENGINE.clear()
+        ENGINE.labels(engine, precision).set(1)
 
 
 def record_reload_failure(model: str, reason: str) -> None:

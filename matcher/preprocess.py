@@ -16,9 +16,19 @@ Normalizer = Callable[[tf.Tensor], tf.Tensor]
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     """Decode one JPEG, PNG, GIF (first frame) or BMP into uint8 RGB [H, W, 3].
 
-    `channels=3` turns grayscale into RGB and drops an alpha channel.
+    `channels=3` turns grayscale into RGB and drops an alpha channel. JPEG uses libjpeg's
+    accurate integer DCT (`INTEGER_ACCURATE`, JDCT_ISLOW), not TensorFlow's default fast one:
+    it is what Pillow decodes with, so `matcher.pixels` (the fast engine's preprocessing, in
+    Python) gives these pixels exactly, and it is the more accurate of the two.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+
+    def jpeg() -> tf.Tensor:
+        return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
+
+    def other() -> tf.Tensor:
+        return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     image.set_shape([None, None, 3])
     return image
 
@@ -28,7 +38,10 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 
     The whole frame is kept because a catalogue item may sit anywhere in a field photo; the
     aspect ratio is not preserved, as in the original Inception graph. Antialiasing keeps
-    large photos from aliasing when they shrink to the backbone's input.
+    large photos from aliasing when they shrink to the backbone's input. The kernel is a
+    triangle (bilinear) stretched by the scale factor when shrinking, computed in float32:
+    Pillow's `Image.resize(BILINEAR)` on float ("F") images is the same filter
+    (`matcher.pixels`).
     """
     image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)

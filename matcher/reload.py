@@ -153,6 +153,8 @@ class ModelWatcher:
             outcome.swapped.append("classifier")
         model = self._core.identity()
         metrics.record_models_loaded(model.backbone, model.model_version, model.classifier_sha256)
+        engine = self._core.describe().backbone
+        metrics.record_engine(engine.engine, engine.precision)
         log.info(
             "hot reload: now serving %s version %d with classifier %s (swapped %s)",
             model.backbone,

@@ -35,6 +35,19 @@ class BackendSettings(BaseSettings):
     model_version: int | None = Field(
         None, description="SavedModel version to serve; the latest when unset."
     )
+    engine: Literal["auto", "openvino", "tensorflow"] = Field(
+        "auto",
+        description="Embedded backend: what runs the network. `openvino` runs the OpenVINO "
+        "model export writes into each version (2-3x TensorFlow's speed on a CPU; TensorFlow "
+        "is not imported); `tensorflow` runs the SavedModel's serving_default; `auto` takes "
+        "openvino where the version has its model, tensorflow otherwise.",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32",
+        description="openvino engine: compute in float32, or bfloat16 (only on a CPU with "
+        "AVX512_BF16 or AMX; refused elsewhere); `auto` takes bf16 where the CPU has it. "
+        "Features are float32 either way.",
+    )
     model_name: str = Field(
         "efficientnet_lite0",
         description="tfserving backend: the model name in TF Serving.",

@@ -95,6 +95,8 @@ def description_to_proto(description: ModelDescription) -> matcher_pb2.ModelInfo
         feature_layer=description.backbone.layer,
         reference_views=description.reference_views,
         default_views=VIEWS[description.default_views],
+        engine=description.backbone.engine,
+        precision=description.backbone.precision,
     )
     if description.holdout_accuracy is not None:
         info.holdout_accuracy = description.holdout_accuracy

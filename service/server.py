@@ -82,6 +82,8 @@ class RunningServer:
                 delay = min(2 * delay, max_delay_s)
         model = self.core.identity()
         metrics.record_models_loaded(model.backbone, model.model_version, model.classifier_sha256)
+        engine = self.core.describe().backbone
+        metrics.record_engine(engine.engine, engine.precision)
         await self._set_health(SERVING)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
 

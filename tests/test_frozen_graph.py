@@ -332,7 +332,26 @@ def test_metadata_and_constants(exported: ExportedModel, graph_file: Path) -> No
     ops = {node.op for function in library.function for node in function.node_def}
     assert "Conv2D" in ops
     assert "BatchNormWithGlobalNormalization" not in ops
-    assert not ops & {"DecodeJpeg", "ResizeBilinear", "Softmax"}  # the original's are cut off
+    assert not ops & {"ResizeBilinear", "Softmax"}  # the original's are cut off
+    # Only our decoder is left (matcher.preprocess: accurate DCT; the original's used the default).
+    decoders = [n for f in library.function for n in f.node_def if n.op == "DecodeJpeg"]
+    assert decoders and {n.attr["dct_method"].s for n in decoders} == {b"INTEGER_ACCURATE"}
+
+
+def test_the_openvino_engine_gives_the_same_features(
+    exported: ExportedModel, photos: list[bytes]
+) -> None:
+    from matcher.backends.embedded import EmbeddedBackend
+
+    features = {}
+    for engine in ("tensorflow", "openvino"):
+        backend = EmbeddedBackend(exported.path.parent, engine=engine)
+        backend.load()
+        assert backend.info.engine == engine
+        features[engine] = backend.features(photos)
+    a, b = features["tensorflow"], features["openvino"]
+    cosines = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosines.min() >= 0.999, cosines
 
 
 # --- 2. the same features as the original graph -------------------------------------------------

@@ -145,6 +145,13 @@ async def test_models_loaded_shows_only_the_models_served(running, trained) -> N
     assert loaded == {tuple(sorted(expected.items())): 1.0}
 
 
+async def test_the_engine_and_its_precision_are_shown(running) -> None:
+    metrics.record_engine("tensorflow", "bf16")  # what an earlier model ran with
+    await running.load_models()
+    engine = series(scrape(running.metrics_port), "matcher_engine")
+    assert engine == {(("engine", "openvino"), ("precision", "fp32")): 1.0}
+
+
 async def test_reload_failures_are_counted_per_model(running) -> None:
     before = scrape(running.metrics_port)
     assert ("matcher_reload_failures_total", (("model", "backbone"),)) in before

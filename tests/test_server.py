@@ -97,6 +97,7 @@ async def test_model_info_describes_both_models(stub, demo, trained) -> None:
     info = await stub.GetModelInfo(matcher_pb2.GetModelInfoRequest(), timeout=60)
     assert list(info.labels) == sorted(demo.labels)
     assert (info.backbone, info.input_size, info.feature_dim) == ("efficientnet_lite0", 224, 1280)
+    assert (info.engine, info.precision) == ("openvino", "fp32")  # the default, where exported
     assert info.classifier_type == "CalibratedClassifierCV(SVC)"
     best = trained.report["search"]["best_params"]
     assert info.classifier_params["kernel"] == best["kernel"]

@@ -98,7 +98,8 @@ async def test_same_features_as_the_embedded_backend(tfs_channel, stub) -> None:
         request = matcher_pb2.ImageRequest(image=image)
         via_tfs = await tfs_stub.Embed(request, timeout=60)
         embedded = await stub.Embed(request, timeout=60)
-        np.testing.assert_allclose(via_tfs.features, embedded.features, atol=1e-5)
+        # The embedded backend runs OpenVINO by default: the same network, its own kernels.
+        np.testing.assert_allclose(via_tfs.features, embedded.features, atol=1e-4)
 
 
 async def test_model_info_names_the_backend(tfs_channel) -> None:

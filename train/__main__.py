@@ -50,6 +50,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model-version", type=int, help="SavedModel version (latest)")
     parser.add_argument(
+        "--engine",
+        choices=("auto", "openvino", "tensorflow"),
+        default=_default("engine"),
+        help="embedded: what runs the network for extraction (%(default)s: openvino where the "
+        "model has its OpenVINO file); the features, and so the classifier, are the same",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=_default("precision"),
+        help="openvino engine: fp32 (%(default)s), or bf16 on CPUs with AVX512_BF16 or AMX",
+    )
+    parser.add_argument(
         "--model-name",
         default=_default("model_name"),
         help="tfserving: model name (%(default)s)",
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         model_dir=args.model_dir,
         model_version=args.model_version,
+        engine=args.engine,
+        precision=args.precision,
         model_name=args.model_name,
         tfserving_target=args.tfserving_target,
     )

@@ -1,4 +1,15 @@
-"""The `embedded` feature backend: the exported SavedModel run in-process by TensorFlow."""
+"""The `embedded` feature backend: the exported model run in-process, by one of two engines.
+
+- `openvino` (`matcher.backends.openvino_engine`): the OpenVINO model export writes inside
+  each version, with the graph's preprocessing done in Python; TensorFlow is never imported.
+- `tensorflow` (`matcher.backends.tensorflow_engine`): the SavedModel's `serving_default`,
+  the graph TF Serving runs.
+
+`auto` (the default) takes openvino where the version has its model (every version exported
+since the engine exists), tensorflow otherwise, so older versions still load. Both give the
+same features to a cosine of 0.999 or better (`tests/test_engines.py`): a classifier trained
+with one serves with the other, and with TF Serving.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +17,34 @@ import hashlib
 import logging
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
 from integrity.manifest import IntegrityError, verify
+from matcher.backends import openvino_engine, tensorflow_engine
 from matcher.backends.base import PreparedModel
-from matcher.backends.tf_messages import invalid_argument_error
 from matcher.domain import BackboneInfo
 from matcher.errors import ModelLoadError, NotReadyError
-from matcher.layout import (
-    INPUT_KEY,
-    OUTPUT_KEY,
-    SIGNATURE,
-    read_model_info,
-    resolve_version,
-)
+from matcher.layout import read_model_info, resolve_version
 
 log = logging.getLogger(__name__)
 
+#: `--engine`.
+ENGINES = ("auto", openvino_engine.ENGINE, tensorflow_engine.ENGINE)
+
+
+class Runner(Protocol):
+    """A loaded model that turns encoded images into features (one engine's)."""
+
+    engine: str
+    precision: str
+
+    def features(self, images: Sequence[bytes]) -> np.ndarray: ...
+
 
 class EmbeddedBackend:
-    """Runs `<model_dir>/<version>/` (TF Serving's layout) with TensorFlow in this process.
+    """Runs `<model_dir>/<version>/` (TF Serving's layout) in this process.
 
     Without a pinned version it serves the newest one; hot reload follows new versions as they
     appear (export renames a finished version into place, so a half-written one is never seen).
@@ -35,9 +52,20 @@ class EmbeddedBackend:
 
     kind = "embedded"
 
-    def __init__(self, model_dir: Path, version: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        version: int | None = None,
+        engine: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
         self._model_dir = model_dir
         self._version = version
+        self._engine = engine
+        #: The openvino engine's (fp32, bf16 or auto); a SavedModel's is fixed at export.
+        self._precision = precision
         # One reference, replaced whole: a call reads it once and uses one model throughout.
         self._served: PreparedModel | None = None
 
@@ -63,23 +91,56 @@ class EmbeddedBackend:
         )
 
     def prepare(self) -> PreparedModel:
-        # Imported here: the tfserving backend must not pay for TensorFlow.
-        import tensorflow as tf
-
         try:
             version, path = resolve_version(self._model_dir, self._version)
             verify_version(path)
             meta = read_model_info(path)
-            signature = tf.saved_model.load(str(path)).signatures[SIGNATURE]
-            _warm_up(tf, signature, meta.input_size)
+            runner = self._runner(path, meta.input_size, meta.precision, meta.backbone)
             fingerprint = hashlib.sha256((path / "saved_model.pb").read_bytes()).hexdigest()[:16]
-        except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
-            raise ModelLoadError(f"cannot load SavedModel from {self._model_dir}: {exc}") from exc
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the model from {self._model_dir}: {exc}") from exc
         info = BackboneInfo(
-            meta.backbone, version, meta.input_size, meta.feature_dim, fingerprint, meta.layer
+            meta.backbone,
+            version,
+            meta.input_size,
+            meta.feature_dim,
+            fingerprint,
+            meta.layer,
+            runner.engine,
+            runner.precision,
         )
-        log.info("loaded SavedModel %s version %d from %s", meta.backbone, version, path)
-        return PreparedModel(info, signature)
+        log.info(
+            "loaded %s version %d from %s with %s (%s)",
+            meta.backbone,
+            version,
+            path,
+            runner.engine,
+            runner.precision,
+        )
+        return PreparedModel(info, runner)
+
+    def _runner(self, path: Path, input_size: int, precision: str, name: str) -> Runner:
+        engine = self._engine
+        if engine == "auto":
+            engine = (
+                openvino_engine.ENGINE
+                if openvino_engine.has_model(path)
+                else tensorflow_engine.ENGINE
+            )
+        if engine == openvino_engine.ENGINE:
+            if precision != openvino_engine.FP32:
+                # The file holds float32 weights whatever the SavedModel computes in; the
+                # SavedModel's bf16 is TensorFlow's, OpenVINO's is chosen here.
+                log.info(
+                    "the SavedModel computes in %s; OpenVINO runs its own precision", precision
+                )
+            return openvino_engine.OpenVinoRunner(path, input_size, self._precision)
+        import tensorflow as tf
+
+        try:
+            return tensorflow_engine.TensorFlowRunner(path, input_size, precision, name)
+        except tf.errors.OpError as exc:
+            raise ModelLoadError(f"TensorFlow cannot load {path}: {exc}") from exc
 
     def activate(self, prepared: PreparedModel) -> None:
         self._served = prepared
@@ -101,17 +162,11 @@ class EmbeddedBackend:
         return self._served.info
 
     def features(self, images: Sequence[bytes]) -> np.ndarray:
-        import tensorflow as tf
-
         served = self._served
         if served is None:
             raise NotReadyError("the feature backend is not loaded yet")
-        try:
-            outputs = served.handle(**{INPUT_KEY: tf.constant(list(images), dtype=tf.string)})
-        except tf.errors.InvalidArgumentError as exc:
-            # Usually the in-graph decoder refusing an image (corrupt or truncated data).
-            raise invalid_argument_error(exc.message, f"SavedModel {served.info.name}") from exc
-        return np.asarray(outputs[OUTPUT_KEY].numpy(), dtype=np.float32)
+        runner: Runner = served.handle
+        return runner.features(images)
 
 
 def verify_version(path: Path) -> None:
@@ -120,9 +175,3 @@ def verify_version(path: Path) -> None:
         verify(path, "savedmodel")
     except IntegrityError as exc:
         raise ModelLoadError(f"{exc}; refusing to load the SavedModel") from exc
-
-
-def _warm_up(tf: Any, signature: Any, size: int) -> None:
-    """Run one image through the graph so the first real request is not the slow one."""
-    image = tf.io.encode_jpeg(tf.zeros([size, size, 3], tf.uint8)).numpy()
-    signature(**{INPUT_KEY: tf.constant([image])})

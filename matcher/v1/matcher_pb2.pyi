@@ -110,7 +110,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold", "default_views")
+    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold", "default_views", "engine", "precision")
     class ClassifierParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,8 @@ class ModelInfo(_message.Message):
     REFERENCE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
     input_size: int
@@ -144,4 +146,6 @@ class ModelInfo(_message.Message):
     reference_views: int
     no_match_threshold: float
     default_views: Views
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., default_views: _Optional[_Union[Views, str]] = ...) -> None: ...
+    engine: str
+    precision: str
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., default_views: _Optional[_Union[Views, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...

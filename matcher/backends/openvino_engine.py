@@ -1,0 +1,119 @@
+"""The `openvino` engine: the version's OpenVINO model run in-process, no TensorFlow imported.
+
+Export writes `openvino/model.xml` inside each SavedModel version (`export.openvino_model`):
+the same network and weights, pixels in. Decoding and resizing happen before it, in Python
+(`matcher.pixels`, the graph's preprocessing to the pixel), on a thread pool: Pillow releases
+the GIL, so the images of a batch decode in parallel.
+
+Precision: float32 unless asked for bfloat16 and the CPU computes it natively (OpenVINO lists
+"BF16" in the CPU's OPTIMIZATION_CAPABILITIES on AVX512_BF16 or AMX); elsewhere bf16 is refused
+at load rather than emulated slowly. Features are float32 either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matcher.errors import ModelLoadError
+from matcher.layout import OPENVINO_MODEL_FILE
+from matcher.pixels import network_input
+
+ENGINE = "openvino"
+FP32 = "fp32"
+BF16 = "bf16"
+#: `--precision`: auto is bf16 where the CPU has it natively, fp32 elsewhere.
+PRECISIONS = ("auto", FP32, BF16)
+_HINT = {FP32: "f32", BF16: "bf16"}
+
+
+def has_model(version_dir: Path) -> bool:
+    """Whether export wrote an OpenVINO model into this SavedModel version."""
+    return (version_dir / OPENVINO_MODEL_FILE).is_file()
+
+
+def _core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO computes bfloat16 natively on this CPU (AVX512_BF16 or AMX)."""
+    return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def resolve_precision(requested: str) -> str:
+    """The precision to run at: `requested`, with auto decided by this CPU."""
+    if requested not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {requested!r}; choose one of {PRECISIONS}")
+    native = cpu_has_bf16()
+    if requested == "auto":
+        return BF16 if native else FP32
+    if requested == BF16 and not native:
+        raise ModelLoadError(
+            "precision bf16 needs a CPU with AVX512_BF16 or AMX, and OpenVINO finds neither "
+            "here; use --precision fp32 (or auto)"
+        )
+    return requested
+
+
+class OpenVinoRunner:
+    """One compiled OpenVINO model and the decoders that feed it."""
+
+    engine = ENGINE
+
+    def __init__(self, version_dir: Path, input_size: int, precision: str) -> None:
+        path = version_dir / OPENVINO_MODEL_FILE
+        if not path.is_file():
+            raise ModelLoadError(
+                f"{version_dir} has no OpenVINO model ({OPENVINO_MODEL_FILE}); it was exported "
+                "before the openvino engine existed: export it again, or use --engine tensorflow"
+            )
+        self.precision = resolve_precision(precision)
+        self.input_size = input_size
+        try:
+            self._compiled = _core().compile_model(
+                str(path),
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": _HINT[self.precision],
+                    # One request at a time, each using every core: a batch is one request.
+                    "PERFORMANCE_HINT": "LATENCY",
+                },
+            )
+        except RuntimeError as exc:
+            raise ModelLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
+        self._request = self._compiled.create_infer_request()
+        # An infer request runs one inference at a time; callers may share the runner.
+        self._lock = threading.Lock()
+
+    def pixels(self, images: Sequence[bytes]) -> np.ndarray:
+        """float32 [N, S, S, 3]: the batch decoded and resized (InvalidImageError if one
+        cannot be decoded)."""
+        size = self.input_size
+        if len(images) == 1:
+            return network_input(images[0], size)[None]
+        return np.stack(list(_decoders().map(lambda data: network_input(data, size), images)))
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """The network alone: float32 pixels [N, S, S, 3] to float32 features [N, D]."""
+        with self._lock:
+            self._request.infer([pixels])
+            return np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
+
+    def features(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.run(self.pixels(images))
+
+
+@functools.cache
+def _decoders() -> ThreadPoolExecutor:
+    """One decoding pool per process, shared by the runners a hot reload swaps."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
