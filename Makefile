@@ -112,7 +112,7 @@ bench: export demo
 		--model-dir $(BENCH_MODELS)/fp32/inception_v3 --json build/bench-engines.json
 	$(PY) -m bench.precision --json build/bench-precision.json
 	$(PY) -m bench.no_match --model-dir $(MODEL_DIR) --json build/bench-no-match.json
-	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --json build/bench-quality.json
+	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --engine-agreement --json build/bench-quality.json
 	$(PY) -m bench.phone_photos --json build/bench-phone-photos.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \

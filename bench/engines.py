@@ -111,12 +111,14 @@ def bench_model(model_dir: Path, paths: list[Path], repeats: int, scratch: Path)
     names = list(runs)
     rounds = []
     for round_ in range(repeats):
+        _progress(f"{model_dir.name}: round {round_ + 1} of {repeats} (network, pipeline)")
         shift = (round_ * len(names) // max(repeats, 1)) % len(names)
         order = names[shift:] + names[:shift]
         rounds.append({k: counts[k] / timed(runs[k]) for k in order})
     best = {k: max(r[k] for r in rounds) for k in names}
     result: dict = {"backbone": next(iter(backends.values())).info.name, "images": len(paths)}
     for name, backend in backends.items():
+        _progress(f"{model_dir.name}: {name} on bytes in memory")
         rate, size, single_ms = ceiling(backend, images)
         result[name] = {
             "network_b1_img_s": round(best[f"{name}/network_b1"], 1),
@@ -156,6 +158,7 @@ def bench_service(
             "--engine", engine, "--precision", precision, "--views", "whole",
         ]  # fmt: skip
         rows = {}
+        _progress(f"{model_dir.name}: the server with {name}")
         with matcher_process(flags) as (process, target, to_serving):
             for concurrency in (1, 16):
                 config = LoadConfig(
@@ -182,6 +185,10 @@ def bench_service(
         )
         own["start_to_serving_s"] = round(to_serving, 2)
         own["rss_mb_serving"] = round(rss, 1)
+
+
+def _progress(step: str) -> None:
+    print(f"... {step}", file=sys.stderr, flush=True)
 
 
 def print_figures(result: dict) -> None:

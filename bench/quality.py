@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matchers", default=",".join(MATCHERS), help="(svm,knn,prototype)")
     parser.add_argument("--views", default=",".join(VIEW_MODES), help="(all modes)")
     parser.add_argument("--train-views", type=int, default=40, help="per item (40)")
+    parser.add_argument(
+        "--engine-agreement",
+        action="store_true",
+        help="also: top-1 of every query with the tensorflow and the openvino engine (the "
+        "first matcher's run, whole view): the share that agrees",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -111,6 +117,30 @@ async def _evaluate_mode(core: Any, queries: dict[str, list[tuple[Path, str]]], 
     }
 
 
+async def engine_agreement(
+    run: Path, model_dir: Path, queries: dict[str, list[tuple[Path, str]]]
+) -> dict[str, Any]:
+    """The top-1 label of every query (whole view) with each engine: how often they agree."""
+    from matcher.factory import make_core
+
+    todo = [path for found in queries.values() for path, _ in found]
+    top1: dict[str, list[str]] = {}
+    for engine in ("tensorflow", "openvino"):
+        settings = CoreSettings(model_dir=model_dir, classifier=run, engine=engine)
+        core = make_core(settings)
+        await asyncio.to_thread(core.load)
+        try:
+            answers = []
+            for path in tqdm(todo, desc=engine, unit="query", leave=False):
+                result = await core.match(path.read_bytes(), top_k=1, views="whole")
+                answers.append(result.matches[0].label)
+            top1[engine] = answers
+        finally:
+            await core.close()
+    same = [a == b for a, b in zip(top1["tensorflow"], top1["openvino"], strict=True)]
+    return {"queries": len(same), "same_top1": _share(same)}
+
+
 def _share(values: Any) -> float:
     flags = list(values)
     return round(sum(flags) / len(flags), 4) if flags else float("nan")
@@ -161,9 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         results[matcher] = asyncio.run(evaluate(run, args.model_dir, queries, modes))
         print(f"trained and evaluated {matcher} (training {seconds[matcher]:.0f} s)")
     print_table(results)
+    agreement = None
+    if args.engine_agreement:
+        run = args.work / "runs" / matchers[0]
+        agreement = asyncio.run(engine_agreement(run, args.model_dir, queries))
+        print(
+            f"top-1 the same with tensorflow and openvino ({matchers[0]}, whole view): "
+            f"{100 * agreement['same_top1']:.1f} % of {agreement['queries']} queries"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"items": len(data.labels), "training_seconds": seconds, "results": results}
+        if agreement is not None:
+            payload["engine_agreement"] = agreement
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

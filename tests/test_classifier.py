@@ -304,3 +304,4 @@ def test_report_json_records_what_the_service_checks(trained) -> None:
     assert report["classifier"]["sha256"] == file_sha256(trained.classifier_path)
     assert report["backbone"]["name"] == "efficientnet_lite0"
     assert report["backbone"]["version"] == 1
+    assert (report["backbone"]["engine"], report["backbone"]["precision"]) == ("openvino", "fp32")

@@ -203,6 +203,19 @@ def test_cli_format_defaults_to_skops() -> None:
         parse_args(["data", "--format", "pickle"])
 
 
+def test_cli_engine_defaults_to_the_servers() -> None:
+    from matcher.settings import BackendSettings
+    from train.__main__ import parse_args
+
+    default = parse_args(["data"])
+    assert (default.engine, default.precision) == ("auto", "fp32")
+    assert BackendSettings.model_fields["engine"].default == default.engine
+    chosen = parse_args(["data", "--engine", "tensorflow", "--precision", "bf16"])
+    assert (chosen.engine, chosen.precision) == ("tensorflow", "bf16")
+    with pytest.raises(SystemExit):
+        parse_args(["data", "--engine", "onnxruntime"])
+
+
 def test_dataset_layout_is_one_folder_per_label(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -128,6 +128,9 @@ def build_report(
             "feature_dim": backbone.feature_dim,
             "backend": backend,
             "layer": backbone.layer,
+            # What ran the network for extraction ("" for TF Serving and HoG).
+            "engine": backbone.engine,
+            "precision": backbone.precision,
             # Where the SavedModel is, for the report's pictures (None: no local model).
             "model_dir": str(model_dir) if model_dir else None,
         },
