@@ -6,7 +6,8 @@ this CPU runs (tensorflow; openvino fp32; openvino bf16 where the CPU computes b
 * network alone: pixels already decoded and resized, in, features out; batch 1 and 32. For
   tensorflow the same network rebuilt with Keras (`bench.pipeline.model_only_runs`), since the
   SavedModel keeps only bytes-in signatures; for openvino the model file export wrote.
-* ceiling: the backend on encoded bytes in memory (decode + resize + network), best batch.
+* ceiling: the backend on encoded bytes in memory (decode + resize + network), best batch;
+  and one call on a 12-megapixel JPEG (a phone photo: decoded at a reduced DCT scale).
 * pipeline: `matcher.extraction.extract_features` from the JPEG files, as `make train` runs
   it on a first run (readers, prefetch, a fresh cache, features streamed to a `.npy`).
 * service (with --classifier for that model): the real server process, one view per request
@@ -93,6 +94,20 @@ def ceiling(backend, images: list[bytes]) -> tuple[float, int, float]:
     return rates[best_size], best_size, 1000 * statistics.median(single)
 
 
+def phone_photo_ms(backend) -> float:
+    """Median ms of one call on a 12-megapixel JPEG (4032x3024, a phone camera's size)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((4032, 3024)).save(buffer, "JPEG", quality=92)
+    photo = buffer.getvalue()
+    backend.features([photo])
+    return 1000 * statistics.median(timed(partial(backend.features, [photo])) for _ in range(5))
+
+
 def bench_model(model_dir: Path, paths: list[Path], repeats: int, scratch: Path) -> dict:
     from matcher.backends.embedded import EmbeddedBackend
 
@@ -121,6 +136,7 @@ def bench_model(model_dir: Path, paths: list[Path], repeats: int, scratch: Path)
         _progress(f"{model_dir.name}: {name} on bytes in memory")
         rate, size, single_ms = ceiling(backend, images)
         result[name] = {
+            "phone_photo_call_ms": round(phone_photo_ms(backend), 1),
             "network_b1_img_s": round(best[f"{name}/network_b1"], 1),
             "network_b32_img_s": round(best[f"{name}/network_b32"], 1),
             "ceiling_img_s": round(rate, 1),
@@ -196,7 +212,7 @@ def print_figures(result: dict) -> None:
         print(f"\n{model['backbone']} ({model['images']} JPEG files)")
         print(
             f"{'engine':<18}{'net b1':>8}{'net b32':>8}{'ceiling':>8}{'pipeline':>9}{'pipe/net':>9}"
-            f"{'pipe/tf':>8}{'c16/ceil':>9}{'c1 p50/1':>9}{'start s':>8}{'RSS MB':>8}"
+            f"{'pipe/tf':>8}{'c16/ceil':>9}{'c1 p50/1':>9}{'start s':>8}{'RSS MB':>8}{'12MP ms':>8}"
         )
         for name, row in model.items():
             if not isinstance(row, dict):
@@ -208,6 +224,7 @@ def print_figures(result: dict) -> None:
                 f"{row.get('service_c16_vs_ceiling', ''):>9}"
                 f"{row.get('service_c1_p50_vs_single_call', ''):>9}"
                 f"{row.get('start_to_serving_s', ''):>8}{row.get('rss_mb_serving', ''):>8}"
+                f"{row['phone_photo_call_ms']:>8}"
             )
     print(
         f"\ndefault engine {'-'.join(DEFAULT_ENGINE)} on {result['models'][0]['backbone']}: "

@@ -7,8 +7,10 @@ classifier trained with one engine would not serve with the other (or with TF Se
 - decoder: Pillow, whose JPEG decoder is libjpeg-turbo with the accurate integer DCT (ISLOW)
   and fancy upsampling, as the graph's `decode_jpeg(dct_method="INTEGER_ACCURATE")`; PNG, GIF
   (first frame) and BMP decode losslessly either way. Grey and alpha become RGB as with
-  `channels=3`. No EXIF turn here: `matcher.images.for_graph` has made the bytes upright
-  before either engine sees them.
+  `channels=3`; 16-bit samples keep their high byte, as `decode_image(dtype=uint8)` does.
+  No EXIF turn here: `matcher.images.for_graph` has made the bytes upright before either
+  engine sees them. A JPEG whose shorter side is at least four times the input decodes at
+  the same reduced DCT scale in both (libjpeg's scaled IDCT: identical pixels, `jpeg_scale`).
 - resize: the whole frame (no crop, aspect ratio not kept) to size x size with a triangle
   (bilinear) kernel stretched by the scale factor when shrinking (antialiasing), computed in
   float32, as `tf.image.resize(antialias=True)`. Pillow resizes an 8-bit image with 8-bit
@@ -27,13 +29,39 @@ from PIL import Image
 
 from matcher.errors import InvalidImageError
 
+#: libjpeg's reduced DCT scales, largest first, and the margin kept: the graph's
+#: (`matcher.preprocess`, which imports TensorFlow, so they are written twice; a test compares).
+JPEG_SCALES = (8, 4, 2, 1)
+JPEG_MARGIN = 2
+#: Pillow's modes for 16-bit grey images (PNG); "I" holds them widened to 32 bits.
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
 
-def decode(data: bytes) -> Image.Image:
-    """The first frame of `data` as RGB, as the graph's decoder gives it (blocking).
+
+def jpeg_scale(width: int, height: int, size: int) -> int:
+    """The reduced DCT scale a JPEG decodes at: the largest of 8, 4, 2 whose shorter side
+    stays at least twice `size` (floor division, as the graph computes it), else 1."""
+    shorter = min(width, height)
+    return next((s for s in JPEG_SCALES if s == 1 or shorter // s >= JPEG_MARGIN * size), 1)
+
+
+def decode(data: bytes, size: int | None = None) -> Image.Image:
+    """The first frame of `data` as RGB, as the graph's decoder gives it (blocking); with
+    `size`, a large JPEG at the graph's reduced DCT scale (`jpeg_scale`).
 
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if size is not None and image.format in ("JPEG", "MPO"):
+                scale = jpeg_scale(image.width, image.height, size)
+                if scale > 1:
+                    # Pillow picks the largest scale whose result is at least the size asked
+                    # for: asking for width // scale x height // scale gives exactly `scale`.
+                    image.draft(None, (image.width // scale, image.height // scale))
+            if image.mode in _WIDE_GREY:
+                # A 16-bit grey PNG: Pillow's convert would clip its values at 255; the graph
+                # keeps the high byte, as Pillow itself does for 16-bit colour.
+                high = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+                return Image.fromarray(high).convert("RGB")
             return image.convert("RGB")
     except Exception as exc:  # Pillow raises many kinds on damaged data
         reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -53,4 +81,4 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
 def network_input(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes to the network's float32 [size, size, 3] pixels (blocking; Pillow
     releases the GIL while it decodes and resizes, so threads run this in parallel)."""
-    return resize(decode(data), size)
+    return resize(decode(data, size), size)

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import skimage
 import sklearn.datasets
+from PIL import Image
+from skimage import data as skimage_data
 
 from matcher.backends import openvino_engine
 from matcher.backends.embedded import EmbeddedBackend
@@ -102,11 +104,58 @@ def test_every_accepted_format_and_colour_layout_decodes_alike(
 ) -> None:
     # GIF (palette), BMP, grey and RGBA PNG, grey JPEG: channels=3 in the graph, RGB in Pillow.
     images = list(samples.good_images().values())
+    # A 16-bit grey PNG (medical and scientific cameras): the graph keeps each sample's high
+    # byte, where Pillow's own conversion would clip at 255.
+    ramp = np.linspace(0, 65535, 160 * 120).reshape(120, 160).astype(np.uint16)
+    images.append(samples.encode(Image.fromarray(ramp), "PNG"))
     found = cosines(
         np.concatenate([tensorflow_backend.features([i]) for i in images]),
         openvino_backend.features(images),
     )
     assert found.min() >= MIN_COSINE, found
+
+
+def phone_sized_jpegs() -> list[bytes]:
+    """Real photos enlarged to phone-camera sizes: each decodes at a reduced DCT scale."""
+    photos = [skimage_data.astronaut(), skimage_data.coffee(), skimage_data.chelsea()]
+    sizes = [(4032, 3024), (1920, 1080), (1280, 960)]
+    return [
+        samples.encode(Image.fromarray(photo).resize(size), "JPEG", quality=92)
+        for photo, size in zip(photos, sizes, strict=True)
+    ]
+
+
+def test_large_jpegs_decode_at_the_same_reduced_scale_in_both_engines(
+    tensorflow_backend, openvino_backend
+) -> None:
+    from matcher.pixels import JPEG_MARGIN, JPEG_SCALES, jpeg_scale
+    from matcher.preprocess import JPEG_MARGIN as GRAPH_MARGIN
+    from matcher.preprocess import JPEG_SCALES as GRAPH_SCALES
+
+    assert (JPEG_SCALES, JPEG_MARGIN) == (GRAPH_SCALES, GRAPH_MARGIN)
+    assert [jpeg_scale(w, h, 224) for w, h in ((4032, 3024), (1920, 1080), (1280, 960))] == [
+        4,
+        2,
+        2,
+    ]
+    assert jpeg_scale(640, 480, 224) == 1  # under 4x the input: decoded whole
+    images = phone_sized_jpegs()
+    found = cosines(
+        np.concatenate([tensorflow_backend.features([i]) for i in images]),
+        openvino_backend.features(images),
+    )
+    assert found.min() >= MIN_COSINE, found
+
+
+def test_a_reduced_scale_decode_keeps_the_features_of_a_full_decode(openvino_backend) -> None:
+    from matcher.pixels import decode, resize
+
+    runner = openvino_backend._served.handle
+    for image in phone_sized_jpegs():
+        full = runner.run(resize(decode(image), 224)[None])
+        scaled = runner.run(resize(decode(image, 224), 224)[None])
+        assert decode(image, 224).width < decode(image).width  # it did decode smaller
+        assert cosines(full, scaled)[0] >= MIN_COSINE
 
 
 def test_a_bad_image_is_invalid_argument_in_the_openvino_engine_too(openvino_backend) -> None:
