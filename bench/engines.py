@@ -28,7 +28,6 @@ The JSON has, for the first model (Lite0) and the default engine (openvino fp32)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -40,8 +39,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from bench.load import LoadConfig, run_load
 from bench.pipeline import in_batches, pipeline, realistic_jpegs, timed
+from bench.service import load_level
 from bench.startup import matcher_process
 
 DEFAULT_ENGINE = ("openvino", "fp32")
@@ -63,7 +62,7 @@ def network_runs(backend, images: list[bytes]) -> dict[int, Callable[[], object]
     if info.engine == "openvino":
         pixels = runner.pixels(images[:32])
         return {
-            1: lambda: [runner.run(pixels[i : i + 1]) for i in range(32)],
+            1: lambda: [runner.run(pixels[i : i + 1]) for i in range(len(pixels))],
             32: lambda: runner.run(pixels),
         }
     from bench.pipeline import model_only_runs
@@ -122,7 +121,7 @@ def bench_model(model_dir: Path, paths: list[Path], repeats: int, scratch: Path)
         for size, run in network_runs(backend, images).items():
             runs[f"{name}/network_b{size}"] = run
         runs[f"{name}/pipeline"] = partial(pipeline, backend, paths, 32, scratch)
-    counts = {k: (32 if "/network" in k else len(paths)) for k in runs}
+    counts = {k: (min(32, len(paths)) if "/network" in k else len(paths)) for k in runs}
     names = list(runs)
     rounds = []
     for round_ in range(repeats):
@@ -177,20 +176,11 @@ def bench_service(
         _progress(f"{model_dir.name}: the server with {name}")
         with matcher_process(flags) as (process, target, to_serving):
             for concurrency in (1, 16):
-                config = LoadConfig(
-                    target=target,
-                    images=(image,),
-                    insecure=True,
-                    concurrency=concurrency,
-                    total=max(total, 4 * concurrency),
-                )
-                asyncio.run(run_load(config))  # warm-up at this concurrency
-                report = asyncio.run(run_load(config))
-                p50 = dict(report.latency_distribution)[50] / 1e6
+                level = load_level(target, image, concurrency, total)
                 rows[f"c{concurrency}"] = {
-                    "rps": round(report.rps, 1),
-                    "p50_ms": round(p50, 2),
-                    "errors": report.count - len(report.ok_latencies_ns),
+                    "rps": round(level["rps"], 1),
+                    "p50_ms": round(level["p50_ms"], 2),
+                    "errors": level["errors"],
                 }
             rss = memory_mb(process.pid)["VmRSS"]
         own = figures[name]

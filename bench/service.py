@@ -56,34 +56,34 @@ def model_ceiling(model_dir: Path, image: bytes, repeats: int = 5) -> dict[str, 
     }
 
 
+def load_level(target: str, image: bytes, concurrency: int, total: int) -> dict[str, float]:
+    """A warm-up pass, then one measured pass of `total` Matches at `concurrency`."""
+    config = LoadConfig(
+        target=target,
+        images=(image,),
+        insecure=True,
+        concurrency=concurrency,
+        total=max(total, 4 * concurrency),
+    )
+    asyncio.run(run_load(config))  # warm-up pass at this concurrency, not reported
+    report = asyncio.run(run_load(config))
+    percentiles = dict(report.latency_distribution)
+    return {
+        "concurrency": concurrency,
+        "rps": report.rps,
+        "p50_ms": percentiles[50] / 1e6,
+        "p95_ms": percentiles[95] / 1e6,
+        "p99_ms": percentiles[99] / 1e6,
+        "errors": report.count - len(report.ok_latencies_ns),
+    }
+
+
 def service_levels(
     flags: list[str], image: bytes, levels: list[int], total: int
 ) -> list[dict[str, float]]:
     """Start the server with `flags`, then load it at each concurrency."""
     with matcher_process(flags) as (_, target, _):
-        rows = []
-        for concurrency in levels:
-            config = LoadConfig(
-                target=target,
-                images=(image,),
-                insecure=True,
-                concurrency=concurrency,
-                total=max(total, 4 * concurrency),
-            )
-            asyncio.run(run_load(config))  # warm-up pass at this concurrency, not reported
-            report = asyncio.run(run_load(config))
-            percentiles = dict(report.latency_distribution)
-            rows.append(
-                {
-                    "concurrency": concurrency,
-                    "rps": report.rps,
-                    "p50_ms": percentiles[50] / 1e6,
-                    "p95_ms": percentiles[95] / 1e6,
-                    "p99_ms": percentiles[99] / 1e6,
-                    "errors": report.count - len(report.ok_latencies_ns),
-                }
-            )
-    return rows
+        return [load_level(target, image, concurrency, total) for concurrency in levels]
 
 
 def main(argv: list[str] | None = None) -> int:
