@@ -181,6 +181,19 @@ def test_a_version_without_its_openvino_model(exported_model, tmp_path) -> None:
     assert auto.info.engine == "tensorflow"
 
 
+def test_a_changed_openvino_model_is_refused_before_it_is_read(exported_model, tmp_path) -> None:
+    import shutil
+
+    version = tmp_path / "lite0" / "1"
+    shutil.copytree(exported_model.path, version)
+    weights = version / "openvino" / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[1000] ^= 0xFF  # one weight changed after export
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"openvino/model\.bin"):
+        EmbeddedBackend(version.parent, engine="openvino").load()
+
+
 def test_bf16_runs_only_where_the_cpu_computes_it(exported_model) -> None:
     backend = EmbeddedBackend(exported_model.path.parent, engine="openvino", precision="bf16")
     if not openvino_engine.cpu_has_bf16():
