@@ -14,8 +14,9 @@ this CPU runs (tensorflow; openvino fp32; openvino bf16 where the CPU computes b
   (`--views whole`), at concurrency 1 and 16: requests/s against the engine's own ceiling and
   p50 against one single-image call; its time from start to SERVING and resident memory.
 
-Network and pipeline passes run in `--repeats` rounds, the engine order rotated per round;
-rates are the best pass, ratios the median within a round (one round shares one load).
+Network and pipeline passes run in `--repeats` rounds, the order rotated per round
+(`bench.pipeline.interleaved`); rates are the best pass, ratios the median within a round (one
+round shares one load). The ceiling is `bench.service.model_ceiling`.
 
     .venv/bin/python -m bench.engines --model-dir models/backbones/efficientnet_lite0 \
         --classifier models/classifiers/efficientnet_lite0 \
@@ -34,17 +35,15 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from bench.pipeline import in_batches, pipeline, realistic_jpegs, timed
-from bench.service import load_level
+from bench.pipeline import in_batches, interleaved, pipeline, realistic_jpegs, timed
+from bench.service import load_level, model_ceiling
 from bench.startup import matcher_process
 
 DEFAULT_ENGINE = ("openvino", "fp32")
-BATCH_SIZES = (1, 8, 16, 32)
 
 
 def engines() -> list[tuple[str, str]]:
@@ -56,41 +55,18 @@ def engines() -> list[tuple[str, str]]:
 
 
 def network_runs(backend, images: list[bytes]) -> dict[int, Callable[[], object]]:
-    """The network alone on pre-decoded pixels, per batch size (1 and 32)."""
+    """Passes of the network alone over every image's pre-decoded pixels, at batch 1 and 32."""
     info = backend.info
-    runner = backend._served.handle  # the engine's runner: the network without decoding
+    runner = backend.runner  # the engine's own parts: the network without decoding
     if info.engine == "openvino":
-        pixels = runner.pixels(images[:32])
+        pixels = runner.pixels(images)
         return {
             1: lambda: [runner.run(pixels[i : i + 1]) for i in range(len(pixels))],
-            32: lambda: runner.run(pixels),
+            32: lambda: [runner.run(batch) for batch in in_batches(pixels, 32)],
         }
     from bench.pipeline import model_only_runs
 
-    one = model_only_runs(info, images[:32], 1)["model_only"]
-    batch = model_only_runs(info, images[:32], 32)["model_only"]
-    return {1: one, 32: batch}
-
-
-def ceiling_pass(backend, images: list[bytes], size: int) -> None:
-    for batch in in_batches(images, size):
-        backend.features(batch)
-
-
-def ceiling(backend, images: list[bytes]) -> tuple[float, int, float]:
-    """Best images/s on encoded bytes in memory, its batch size, and one call's median ms."""
-    rates = {}
-    for size in BATCH_SIZES:
-        backend.features(images[:size])
-        best = min(timed(partial(ceiling_pass, backend, images, size)) for _ in range(2))
-        rates[size] = len(images) / best
-    single = []
-    for image in images[:20]:
-        started = time.perf_counter()
-        backend.features([image])
-        single.append(time.perf_counter() - started)
-    best_size = max(rates, key=rates.__getitem__)
-    return rates[best_size], best_size, 1000 * statistics.median(single)
+    return {size: model_only_runs(info, images, size)["model_only"] for size in (1, 32)}
 
 
 def phone_photo_ms(backend) -> float:
@@ -121,26 +97,24 @@ def bench_model(model_dir: Path, paths: list[Path], repeats: int, scratch: Path)
         for size, run in network_runs(backend, images).items():
             runs[f"{name}/network_b{size}"] = run
         runs[f"{name}/pipeline"] = partial(pipeline, backend, paths, 32, scratch)
-    counts = {k: (min(32, len(paths)) if "/network" in k else len(paths)) for k in runs}
+    _progress(f"{model_dir.name}: {repeats} rounds of network and pipeline passes")
+    rounds = [
+        {name: figures.img_s for name, figures in one.items()}
+        for one in interleaved(runs, len(paths), repeats)
+    ]
     names = list(runs)
-    rounds = []
-    for round_ in range(repeats):
-        _progress(f"{model_dir.name}: round {round_ + 1} of {repeats} (network, pipeline)")
-        shift = (round_ * len(names) // max(repeats, 1)) % len(names)
-        order = names[shift:] + names[:shift]
-        rounds.append({k: counts[k] / timed(runs[k]) for k in order})
     best = {k: max(r[k] for r in rounds) for k in names}
     result: dict = {"backbone": next(iter(backends.values())).info.name, "images": len(paths)}
     for name, backend in backends.items():
         _progress(f"{model_dir.name}: {name} on bytes in memory")
-        rate, size, single_ms = ceiling(backend, images)
+        alone = model_ceiling(backend, images, repeats=2)
         result[name] = {
             "phone_photo_call_ms": round(phone_photo_ms(backend), 1),
             "network_b1_img_s": round(best[f"{name}/network_b1"], 1),
             "network_b32_img_s": round(best[f"{name}/network_b32"], 1),
-            "ceiling_img_s": round(rate, 1),
-            "ceiling_batch": size,
-            "single_call_ms": round(single_ms, 2),
+            "ceiling_img_s": round(alone["ceiling_img_s"], 1),
+            "ceiling_batch": alone["ceiling_batch"],
+            "single_call_ms": round(alone["single_call_ms"], 2),
             "pipeline_img_s": round(best[f"{name}/pipeline"], 1),
             "pipeline_vs_network": round(
                 statistics.median(

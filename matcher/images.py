@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 from matcher.errors import InvalidImageError
 from matcher.gif_frames import GifStructureError, largest_frame
+from matcher.pixels import decoding_errors
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
@@ -104,14 +105,10 @@ def decode_upright(data: bytes, longest: int | None = None) -> Image.Image:
     at the reduced DCT scale that still keeps that many pixels a side (blocking).
 
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if longest is not None:
-                image.draft("RGB", (longest, longest))
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as exc:  # Pillow (and libheif) raise many kinds on damaged data
-        reason = " ".join(str(exc).split()) or type(exc).__name__  # one line, for the caller
-        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
+    with decoding_errors(), Image.open(io.BytesIO(data)) as image:
+        if longest is not None:
+            image.draft("RGB", (longest, longest))
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:

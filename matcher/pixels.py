@@ -22,19 +22,34 @@ The accuracy guard (`tests/test_engines.py`) holds both engines to cosine >= 0.9
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
 from matcher.errors import InvalidImageError
 
-#: libjpeg's reduced DCT scales, largest first, and the margin kept: the graph's
-#: (`matcher.preprocess`, which imports TensorFlow, so they are written twice; a test compares).
+#: libjpeg's reduced DCT scales, largest first; the graph's decoder uses these too
+#: (`matcher.preprocess`).
 JPEG_SCALES = (8, 4, 2, 1)
+#: A scaled JPEG keeps at least this many times the input size a side, so the resize after it
+#: still antialiases (features within a cosine of 0.999 of a full decode's on real photos).
 JPEG_MARGIN = 2
 #: Pillow's modes for 16-bit grey images (PNG); "I" holds them widened to 32 bits.
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+
+
+@contextlib.contextmanager
+def decoding_errors() -> Iterator[None]:
+    """Pillow's (and libheif's) many kinds of error on damaged pixel data, as InvalidImageError
+    with the reason on one line: one wording for every decode before the model."""
+    try:
+        yield
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
 
 
 def jpeg_scale(width: int, height: int, size: int) -> int:
@@ -49,23 +64,19 @@ def decode(data: bytes, size: int | None = None) -> Image.Image:
     `size`, a large JPEG at the graph's reduced DCT scale (`jpeg_scale`).
 
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if size is not None and image.format in ("JPEG", "MPO"):
-                scale = jpeg_scale(image.width, image.height, size)
-                if scale > 1:
-                    # Pillow picks the largest scale whose result is at least the size asked
-                    # for: asking for width // scale x height // scale gives exactly `scale`.
-                    image.draft(None, (image.width // scale, image.height // scale))
-            if image.mode in _WIDE_GREY:
-                # A 16-bit grey PNG: Pillow's convert would clip its values at 255; the graph
-                # keeps the high byte, as Pillow itself does for 16-bit colour.
-                high = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
-                return Image.fromarray(high).convert("RGB")
-            return image.convert("RGB")
-    except Exception as exc:  # Pillow raises many kinds on damaged data
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidImageError(f"image could not be decoded: {reason}") from exc
+    with decoding_errors(), Image.open(io.BytesIO(data)) as image:
+        if size is not None and image.format in ("JPEG", "MPO"):
+            scale = jpeg_scale(image.width, image.height, size)
+            if scale > 1:
+                # Pillow picks the largest scale whose result is at least the size asked
+                # for: asking for width // scale x height // scale gives exactly `scale`.
+                image.draft(None, (image.width // scale, image.height // scale))
+        if image.mode in _WIDE_GREY:
+            # A 16-bit grey PNG: Pillow's convert would clip its values at 255; the graph
+            # keeps the high byte, as Pillow itself does for 16-bit colour.
+            high = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+            return Image.fromarray(high).convert("RGB")
+        return image.convert("RGB")
 
 
 def resize(image: Image.Image, size: int) -> np.ndarray:

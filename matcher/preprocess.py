@@ -10,17 +10,12 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from matcher.pixels import JPEG_MARGIN, JPEG_SCALES
+
 Normalizer = Callable[[tf.Tensor], tf.Tensor]
 
 
-#: libjpeg's reduced DCT scales (1/1 to 1/8), largest first (`matcher.pixels` uses the same).
-JPEG_SCALES = (8, 4, 2, 1)
-#: A scaled JPEG keeps at least this many times the input size a side, so the resize after it
-#: still antialiases (features within a cosine of 0.999 of a full decode's on real photos).
-JPEG_MARGIN = 2
-
-
-def decode_rgb(encoded: tf.Tensor, size: int | None = None) -> tf.Tensor:
+def decode_rgb(encoded: tf.Tensor, size: int) -> tf.Tensor:
     """Decode one JPEG, PNG, GIF (first frame) or BMP into uint8 RGB [H, W, 3].
 
     `channels=3` turns grayscale into RGB and drops an alpha channel. JPEG uses libjpeg's
@@ -28,15 +23,13 @@ def decode_rgb(encoded: tf.Tensor, size: int | None = None) -> tf.Tensor:
     it is what Pillow decodes with, so `matcher.pixels` (the fast engine's preprocessing, in
     Python) gives these pixels exactly, and it is the more accurate of the two.
 
-    With `size`, a JPEG much larger than size x size decodes at the largest reduced DCT scale
-    (1/2, 1/4, 1/8) that still leaves both sides at least twice `size` (`matcher.pixels.
-    jpeg_scale`): the IDCT itself shrinks the image, so a 12-megapixel phone photo costs a
-    0.8-megapixel decode, and the antialiased resize after it still shrinks at least 2x.
+    A JPEG much larger than size x size decodes at the largest reduced DCT scale (1/2, 1/4,
+    1/8) that still leaves both sides at least twice `size` (`matcher.pixels.jpeg_scale`, whose
+    constants this uses): the IDCT itself shrinks the image, so a 12-megapixel phone photo costs
+    a 0.8-megapixel decode, and the antialiased resize after it still shrinks at least 2x.
     """
 
     def jpeg() -> tf.Tensor:
-        if size is None:
-            return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
         header = tf.io.extract_jpeg_shape(encoded)
         shorter = tf.minimum(header[0], header[1])
         # Index of the largest scale that keeps the shorter side at or above 2 x `size`.

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 def _default(field: str) -> Any:
     """The server's default for a backend setting: one default, written in matcher.settings."""
     return BackendSettings.model_fields[field].default
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values a backend setting takes (its Literal in matcher.settings)."""
+    return typing.get_args(BackendSettings.model_fields[field].annotation)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("embedded", "tfserving"),
+        choices=_choices("backend"),
         default=_default("backend"),
         help="feature backend, as the server's --backend (%(default)s)",
     )
@@ -51,14 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-version", type=int, help="SavedModel version (latest)")
     parser.add_argument(
         "--engine",
-        choices=("auto", "openvino", "tensorflow"),
+        choices=_choices("engine"),
         default=_default("engine"),
         help="embedded: what runs the network for extraction (%(default)s: openvino where the "
         "model has its OpenVINO file); the features, and so the classifier, are the same",
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=_choices("precision"),
         default=_default("precision"),
         help="openvino engine: fp32 (%(default)s), or bf16 on CPUs with AVX512_BF16 or AMX",
     )

@@ -128,12 +128,8 @@ class EmbeddedBackend:
                 else tensorflow_engine.ENGINE
             )
         if engine == openvino_engine.ENGINE:
-            if precision != openvino_engine.FP32:
-                # The file holds float32 weights whatever the SavedModel computes in; the
-                # SavedModel's bf16 is TensorFlow's, OpenVINO's is chosen here.
-                log.info(
-                    "the SavedModel computes in %s; OpenVINO runs its own precision", precision
-                )
+            # Its precision is chosen here; a SavedModel's (`precision`) is TensorFlow's, and a
+            # bf16 export has no OpenVINO model (`export.openvino_model`).
             return openvino_engine.OpenVinoRunner(path, input_size, self._precision)
         import tensorflow as tf
 
@@ -161,12 +157,17 @@ class EmbeddedBackend:
             raise NotReadyError("the feature backend is not loaded yet")
         return self._served.info
 
-    def features(self, images: Sequence[bytes]) -> np.ndarray:
+    @property
+    def runner(self) -> Runner:
+        """The served engine's runner (benchmarks time its parts)."""
         served = self._served
         if served is None:
             raise NotReadyError("the feature backend is not loaded yet")
         runner: Runner = served.handle
-        return runner.features(images)
+        return runner
+
+    def features(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.runner.features(images)
 
 
 def verify_version(path: Path) -> None:

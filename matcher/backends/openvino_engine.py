@@ -44,14 +44,19 @@ def has_model(version_dir: Path) -> bool:
     return (version_dir / OPENVINO_MODEL_FILE).is_file()
 
 
+@functools.cache
 def _core() -> Any:
+    """One OpenVINO runtime per process (it enumerates devices when created)."""
     import openvino as ov
 
     return ov.Core()
 
 
 def cpu_has_bf16() -> bool:
-    """Whether OpenVINO computes bfloat16 natively on this CPU (AVX512_BF16 or AMX)."""
+    """Whether OpenVINO computes bfloat16 natively on this CPU (AVX512_BF16 or AMX).
+
+    `matcher.backbones.precision.cpu_has_bf16` answers the same from /proc/cpuinfo for
+    TensorFlow's bf16 exports, but imports Keras; this asks the runtime that will run it."""
     return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -79,8 +84,9 @@ class OpenVinoRunner:
         path = version_dir / OPENVINO_MODEL_FILE
         if not path.is_file():
             raise ModelLoadError(
-                f"{version_dir} has no OpenVINO model ({OPENVINO_MODEL_FILE}); it was exported "
-                "before the openvino engine existed: export it again, or use --engine tensorflow"
+                f"{version_dir} has no OpenVINO model ({OPENVINO_MODEL_FILE}): it was exported "
+                "before the openvino engine existed, or with --precision bf16 (TensorFlow's "
+                "bfloat16); export it again in fp32, or use --engine tensorflow"
             )
         self.precision = resolve_precision(precision)
         self.input_size = input_size
