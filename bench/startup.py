@@ -84,7 +84,13 @@ def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes],
     # Its log goes to a file, read back when it fails to start: a refused model says why.
     with tempfile.TemporaryFile() as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), "--metrics-port", "0", *flags],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                *("--port", str(port), "--metrics-port", "0", "--http-port", "0"),
+                *flags,
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log_file,

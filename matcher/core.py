@@ -33,7 +33,13 @@ from matcher.domain import (
     Verdict,
 )
 from matcher.errors import InvalidRequestError, ModelLoadError, NotReadyError
-from matcher.images import ImageLimits, for_graph, inspect_image, load_image_readers
+from matcher.images import (
+    ImageHeader,
+    ImageLimits,
+    for_graph,
+    inspect_image,
+    load_image_readers,
+)
 from matcher.views import (
     DEFAULT_VIEWS,
     PLANS,
@@ -234,6 +240,11 @@ class MatcherCore:
         if pair is None or not self._backend.ready:
             raise NotReadyError("models are not loaded yet; retry shortly")
         return pair
+
+    def inspect(self, image: bytes) -> ImageHeader:
+        """The image's header, checked against the server's limits (InvalidImageError), as
+        Match checks it: for callers that keep a photo without matching it."""
+        return inspect_image(image, self._limits)
 
     async def _answers(self, image: bytes, mode: str, input_side: int) -> list[_Answer]:
         """The answers for each view of one image, computed in one batch (with concurrent

@@ -21,15 +21,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 #: Powers of two up to 64, the sizes TF Serving's allowed_batch_sizes use.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
+#: The two transports of the one core: gRPC calls, and HTTP/JSON requests (counted under the
+#: RPC they stand for, with the gRPC code of their answer, so one query covers both).
+TRANSPORTS = ("grpc", "http")
 REQUESTS = Counter(
     "matcher_requests",
-    "gRPC calls finished, by full method name and status code.",
-    ["method", "code"],
+    "Calls finished, by full method name, status code and transport (grpc, http).",
+    ["method", "code", "transport"],
 )
 REQUEST_DURATION = Histogram(
     "matcher_request_duration_seconds",
-    "Time from the call reaching the server to its status, by full method name.",
-    ["method"],
+    "Time from the call reaching the server to its status, by full method name and transport.",
+    ["method", "transport"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(

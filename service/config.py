@@ -84,6 +84,21 @@ class Settings(CoreSettings):
         True, description="Whether server reflection needs the token."
     )
 
+    # --- HTTP/JSON API and the field-testing page ---
+    http_port: int = Field(
+        8080,
+        ge=-1,
+        le=65535,
+        description="Port of the HTTP/JSON API (/v1/match, ...) and the field-testing page (/) on "
+        "--host, with the same TLS, token and limits as gRPC; 0 picks a free one, -1 turns it "
+        "off.",
+    )
+    feedback_dir: Path | None = Field(
+        None,
+        description="Where the page's confirmed or corrected photos are saved, as "
+        "<dir>/<label>/<photo> for `matcher-train add <dir>/<label>`; unset turns feedback off.",
+    )
+
     # --- metrics ---
     metrics_port: int = Field(
         9464,

@@ -34,6 +34,12 @@ def views_from_proto(value: int) -> str | None:
     return _MODES[value]
 
 
+def match_args(request: matcher_pb2.ImageRequest) -> tuple[bytes, int, float | None, str | None]:
+    """`MatcherCore.match`'s arguments from an ImageRequest: image, top_k, threshold, views."""
+    threshold = request.no_match_threshold if request.HasField("no_match_threshold") else None
+    return request.image, request.top_k, threshold, views_from_proto(request.views)
+
+
 def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
     return matcher_pb2.ModelIdentity(
         backbone=identity.backbone,

@@ -28,7 +28,7 @@ from matcher import metrics
 from service import logs
 from service.grpc_types import Context, MethodHandler, ServerInterceptor
 
-__all__ = ["interceptors", "request_id_from"]
+__all__ = ["interceptors", "record_call", "request_id_from"]
 
 access_log = logging.getLogger("service.access")
 
@@ -158,19 +158,37 @@ def method_label(method: str) -> str:
 
 
 def _record(method: str, code: grpc.StatusCode, seconds: float, peer: str) -> None:
-    label = method_label(method)
-    metrics.REQUESTS.labels(label, code.name).inc()
-    metrics.REQUEST_DURATION.labels(label).observe(seconds)
+    record_call(method_label(method), code.name, seconds, peer, "grpc", method)
+
+
+def record_call(
+    method: str,
+    code: str,
+    seconds: float,
+    peer: str,
+    transport: str,
+    shown: str | None = None,
+    extra: dict[str, object] | None = None,
+) -> None:
+    """Count one finished call and write its access log line.
+
+    `method` is the bounded label (a declared RPC, or "unknown"); `shown` what the log line
+    names (the method as called, or an HTTP request line); `code` a gRPC status code name."""
+    metrics.REQUESTS.labels(method, code, transport).inc()
+    metrics.REQUEST_DURATION.labels(method, transport).observe(seconds)
+    shown = shown or method
     access_log.info(
         "%s %s %.1f ms peer=%s",
-        method,
-        code.name,
+        shown,
+        code,
         seconds * 1000,
         peer,
         extra={
+            "transport": transport,
             "grpc_method": method,
-            "grpc_code": code.name,
+            "grpc_code": code,
             "duration_ms": round(seconds * 1000, 3),
             "peer": peer,
+            **(extra or {}),
         },
     )

@@ -73,6 +73,20 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS: the same certificate, key and client CA as the gRPC port's (checked
+    by `server_credentials` first); None for plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=settings.tls_client_ca)
+    return context
+
+
 def _check_combination(settings: Settings) -> None:
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigurationError("--tls-cert and --tls-key go together: set both or neither")

@@ -26,7 +26,7 @@ from matcher.errors import BackendUnavailableError, MatcherError
 from matcher.factory import make_core
 from matcher.reload import ModelWatcher
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from service import observability, security
+from service import http_api, observability, security
 from service.config import Settings
 from service.servicer import MatcherServicer
 
@@ -50,6 +50,15 @@ class RunningServer:
     reload_interval_s: float = 0.0
     #: The Prometheus /metrics endpoint; None when --metrics-port is -1.
     metrics_endpoint: metrics.MetricsEndpoint | None = None
+    #: The HTTP/JSON API and page; None when --http-port is -1.
+    http_endpoint: http_api.HttpEndpoint | None = None
+    #: Whether health says SERVING (models loaded, backend reachable): HTTP's /readyz.
+    serving: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of the HTTP API and page, or None when HTTP is off."""
+        return self.http_endpoint.port if self.http_endpoint else None
 
     @property
     def metrics_port(self) -> int | None:
@@ -107,13 +116,18 @@ class RunningServer:
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING to every watcher, then let in-flight calls finish."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self.http_endpoint is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.http_endpoint.close())
+        else:
+            await self.server.stop(grace_s)
         await self.core.close()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.close)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self.serving = status == SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -154,6 +168,13 @@ async def start_server(settings: Settings, core: MatcherCore) -> RunningServer:
     # Read at scrape time, so the gauge is never stale; the last server started wins.
     metrics.QUEUE_DEPTH.set_function(lambda: core.batcher.queued)
     running = RunningServer(server, port, health_servicer, core, metrics_endpoint=endpoint)
+    try:
+        running.http_endpoint = await http_api.start_http(settings, core, lambda: running.serving)
+    except (OSError, MatcherError):
+        await server.stop(0)
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
+        raise
     if settings.reload_interval_s > 0:
         running.watcher = ModelWatcher(core, settings.classifier)
         running.reload_interval_s = settings.reload_interval_s
@@ -168,6 +189,8 @@ async def serve(settings: Settings) -> None:
     threadpoolctl.threadpool_limits(1, user_api="blas")
     running = await start_server(settings, make_core(settings))
     log.info("listening on %s:%d; loading models", settings.host, running.port)
+    if running.http_port is not None:
+        log.info("field-testing page on http://%s:%d/", settings.host, running.http_port)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = asyncio.Event()

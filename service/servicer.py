@@ -80,9 +80,7 @@ class MatcherServicer(matcher_pb2_grpc.MatcherServicer):
     async def Match(
         self, request: matcher_pb2.ImageRequest, context: Context
     ) -> matcher_pb2.MatchResponse:
-        threshold = request.no_match_threshold if request.HasField("no_match_threshold") else None
-        views = converters.views_from_proto(request.views)
-        result = await self._core.match(request.image, request.top_k, threshold, views)
+        result = await self._core.match(*converters.match_args(request))
         return converters.match_to_proto(result)
 
     @_map_errors

@@ -14,6 +14,9 @@ from grpc_health.v1 import health_pb2_grpc
 from matcher.v1 import matcher_pb2_grpc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every server the suite starts, in this process or as a child, serves HTTP on a free port:
+# the default 8080 may be taken on a shared machine, and servers run side by side here.
+os.environ["MATCHER_HTTP_PORT"] = "0"
 
 #: Small enough for a 2-core CI machine, large enough for every label to be learnt.
 TRAIN_VIEWS = 16
@@ -92,6 +95,7 @@ def settings(exported_model, trained):
         classifier=trained.classifier_path,
         grace_s=0.5,
         metrics_port=0,  # a free port: the default 9464 may be taken on a shared machine
+        http_port=0,
         # One view per photo keeps the suite's hundreds of calls quick on 2 cores; the default
         # (crops) and every other mode are asked for by name in tests/test_multiview.py.
         views="whole",

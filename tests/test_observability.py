@@ -103,11 +103,17 @@ async def test_calls_are_counted_by_method_and_status_code(running, stub) -> Non
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("matcher_requests_total", method=MATCH, code="OK") == 2
-    assert delta("matcher_requests_total", method=MATCH, code="INVALID_ARGUMENT") == 3
-    assert delta("matcher_request_duration_seconds_count", method=MATCH) == 5
-    assert delta("matcher_request_duration_seconds_bucket", method=MATCH, le="+Inf") == 5
-    assert delta("matcher_request_duration_seconds_sum", method=MATCH) > 0
+    assert delta("matcher_requests_total", method=MATCH, code="OK", transport="grpc") == 2
+    assert (
+        delta("matcher_requests_total", method=MATCH, code="INVALID_ARGUMENT", transport="grpc")
+        == 3
+    )
+    assert delta("matcher_request_duration_seconds_count", method=MATCH, transport="grpc") == 5
+    assert (
+        delta("matcher_request_duration_seconds_bucket", method=MATCH, le="+Inf", transport="grpc")
+        == 5
+    )
+    assert delta("matcher_request_duration_seconds_sum", method=MATCH, transport="grpc") > 0
     # One call at a time: each good image is a batch of one; bad ones never reach the model.
     assert delta("matcher_batch_size_count") == 2
     assert delta("matcher_batch_size_sum") == 2
@@ -129,8 +135,12 @@ async def test_health_checks_and_reflection_streams_are_counted(running) -> None
         assert GENERATED_ID.fullmatch(returned_id(await call.trailing_metadata()))
     after = scrape(running.metrics_port)
     for method in (CHECK, REFLECTION):
-        counted = value(after, "matcher_requests_total", method=method, code="OK")
-        assert counted - value(before, "matcher_requests_total", method=method, code="OK") == 1
+        counted = value(after, "matcher_requests_total", method=method, code="OK", transport="grpc")
+        assert (
+            counted
+            - value(before, "matcher_requests_total", method=method, code="OK", transport="grpc")
+            == 1
+        )
 
 
 async def test_models_loaded_shows_only_the_models_served(running, trained) -> None:
@@ -367,8 +377,12 @@ async def test_calls_refused_or_failed_later_in_the_chain_are_counted(caplog) ->
         (CHECK, "UNKNOWN"),
         ("unknown", "UNAUTHENTICATED"),
     ):
-        moved = value(after, "matcher_requests_total", method=method, code=code)
-        assert moved - value(before, "matcher_requests_total", method=method, code=code) == 1
+        moved = value(after, "matcher_requests_total", method=method, code=code, transport="grpc")
+        assert (
+            moved
+            - value(before, "matcher_requests_total", method=method, code=code, transport="grpc")
+            == 1
+        )
     assert not any("no.such" in dict(labels).get("method", "") for _, labels in after)
     # Logged by the refusing interceptor's handler, inside the call.
     refusals = [r.request_id for r in caplog.records if r.getMessage() == "refusing"]
