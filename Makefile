@@ -23,7 +23,7 @@ IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train report run serve match test check format bench soak clean
+.PHONY: help setup proto export demo train report run serve match browser test check format bench soak clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
@@ -81,7 +81,19 @@ serve: $(INSTALLED)
 match: $(INSTALLED)
 	$(PY) -m service.client $(IMAGE) --target $(TARGET) --top-k $(TOP_K)
 
-test: $(INSTALLED)
+# The page's browser test drives Debian's chromium (no browser download works here): installed
+# with apt when missing and we are root, otherwise one line says what to do.
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's chromium for the page test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "make test needs Debian's chromium for tests/test_web_page.py: sudo apt-get install chromium"; \
+			exit 1; \
+		fi; }
+
+test: $(INSTALLED) browser
 	$(PY) -m pytest -q
 
 check: $(INSTALLED)

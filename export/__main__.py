@@ -1,4 +1,5 @@
-"""`python -m export`: write a backbone as a SavedModel in TensorFlow Serving's layout."""
+"""`python -m export`: write a backbone as a SavedModel in TensorFlow Serving's layout;
+`python -m export tflite`: the on-device LiteRT models of a backbone and a catalogue."""
 
 from __future__ import annotations
 
@@ -80,9 +81,85 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_tflite_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export tflite",
+        description="Write the on-device LiteRT (TFLite) models of a backbone and a catalogue: "
+        "fp32 and int8, labels, metadata with the no-match threshold, a manifest.",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_BASE_PATH / "efficientnet_lite0",
+        help="the SavedModel's base path (its latest version) or a version folder "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--version", type=int, help="the version under --model-dir (latest)")
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        default=Path("models/classifiers/efficientnet_lite0"),
+        help="a training run trained with --matcher knn or prototype (default %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default build/tflite/<backbone>)")
+    parser.add_argument(
+        "--precision",
+        action="append",
+        choices=("fp32", "int8"),
+        help="which models to write (repeatable; default both)",
+    )
+    return parser.parse_args(argv)
+
+
+def tflite_main(argv: list[str]) -> int:
+    """`python -m export tflite`: the on-device models (export/tflite_model.py)."""
+    args = parse_tflite_args(argv)
+    from matcher.layout import versions
+
+    version_dir = args.model_dir
+    if not (version_dir / "saved_model.pb").is_file():
+        found = versions(args.model_dir)
+        if not found or (args.version is not None and args.version not in found):
+            wanted = f"version {args.version}" if args.version is not None else "no version"
+            print(
+                f"export tflite: error: {args.model_dir} has {wanted if found else 'no version'}; "
+                "run `make export`",
+                file=sys.stderr,
+            )
+            return 2
+        version_dir = args.model_dir / str(args.version if args.version is not None else found[-1])
+    from export.tflite_model import default_out, export_tflite
+    from matcher.backbones.builder import ExportError
+    from matcher.errors import ModelLoadError
+
+    out = args.out or default_out(version_dir)
+    try:
+        written = export_tflite(
+            version_dir, args.classifier, out, tuple(args.precision or ()) or ("fp32", "int8")
+        )
+    except (ExportError, ModelLoadError, OSError) as exc:
+        print(f"export tflite: error: {exc}", file=sys.stderr)
+        return 2
+    for precision, path in written.files.items():
+        print(f"{precision}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if written.float_layers is not None:
+        kept, total = written.float_layers
+        print(f"int8: {kept} of {total} layers kept in float (the ones int8 hurt most)")
+    threshold = written.metadata["no_match_threshold"]
+    print(
+        f"{len(written.metadata['labels'])} labels in {out / 'labels.txt'}; no-match threshold "
+        + (f"{threshold:.3f}" if threshold is not None else "none (not calibrated)")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter is not ours to show; TF_CPP_MIN_LOG_LEVEL=0 shows it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tflite"]:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        return tflite_main(argv[1:])
     args = parse_args(argv)
     # Our own output is printed; libraries (TensorFlow, matplotlib) only speak up on problems.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

@@ -179,6 +179,11 @@ class HttpApi:
         )
 
     @property
+    def feedback_dir(self) -> Path | None:
+        """Where feedback photos go (--feedback-dir); None when feedback is off."""
+        return self._feedback_dir
+
+    @property
     def in_flight(self) -> int:
         """API requests being handled now (what --max-concurrent-rpcs bounds)."""
         return self._in_flight

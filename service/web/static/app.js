@@ -147,10 +147,13 @@ async function match(file) {
     state.answer = answer;
     renderVerdict(answer);
     renderMatches(answer);
-    $("elapsed").textContent = `${Math.round(ms)} ms · ${answer.views.replace("VIEWS_", "").toLowerCase()} views`;
+    $("elapsed").textContent = `${Math.round(ms)} ms · views: ${answer.views.replace("VIEWS_", "").toLowerCase().replace("_", " + ")}`;
     const first = answer.matches[0];
     $("feedback").hidden = !(state.feedback && first);
     if (first) {
+      // "No match" has nothing to confirm: the photo can only be named as one of the items.
+      $("confirm").hidden = answer.verdict === "NO_MATCH";
+      $("correct-prompt").textContent = answer.verdict === "NO_MATCH" ? "It is in fact" : "No, it is";
       $("confirm-label").textContent = first.label;
       $("correct-label").value = first.label;
     }
