@@ -81,15 +81,16 @@ serve: $(INSTALLED)
 match: $(INSTALLED)
 	$(PY) -m service.client $(IMAGE) --target $(TARGET) --top-k $(TOP_K)
 
-# The page's browser test drives Debian's chromium (no browser download works here): installed
-# with apt when missing and we are root, otherwise one line says what to do.
+# The page's browser test drives Debian's chromium (no browser download works here), and the
+# README's HTTP examples run with curl: installed with apt when missing and we are root,
+# otherwise one line says what to do.
 browser:
-	@command -v chromium >/dev/null || { \
+	@{ command -v chromium && command -v curl; } >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing Debian's chromium for the page test"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			echo "installing Debian's chromium and curl for the page and README tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null; \
 		else \
-			echo "make test needs Debian's chromium for tests/test_web_page.py: sudo apt-get install chromium"; \
+			echo "make test needs Debian's chromium and curl (tests/test_web_page.py, the README's curl examples): sudo apt-get install chromium curl"; \
 			exit 1; \
 		fi; }
 

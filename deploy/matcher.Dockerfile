@@ -49,5 +49,5 @@ COPY --from=tfs-api /out/tfserving_api.binpb /app/tfserving_api.binpb
 # Bytecode compiled now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /app
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 8080
 ENTRYPOINT ["python", "-m", "service"]

@@ -189,8 +189,6 @@ async def serve(settings: Settings) -> None:
     threadpoolctl.threadpool_limits(1, user_api="blas")
     running = await start_server(settings, make_core(settings))
     log.info("listening on %s:%d; loading models", settings.host, running.port)
-    if running.http_port is not None:
-        log.info("field-testing page on http://%s:%d/", settings.host, running.http_port)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, running.metrics_port)
     stop = asyncio.Event()

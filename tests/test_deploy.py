@@ -423,7 +423,7 @@ MUTATIONS: dict[str, tuple[Callable[[list[Obj]], None], str, str]] = {
         "service tfserving: selects 0 pods",
     ),
     "target port": (
-        lambda o: named(o, "Service", "matcher")["spec"]["ports"][0].update(targetPort="http"),
+        lambda o: named(o, "Service", "matcher")["spec"]["ports"][0].update(targetPort="https"),
         "ports",
         "undeclared",
     ),
@@ -1059,7 +1059,8 @@ def test_matcher_image_environment_and_port_agree_with_the_deployment() -> None:
     assert set(re.findall(r"\b(MATCHER_[A-Z0-9_]+)=", text)) <= fields
     objects = rendered("overlays/prod")
     final = dict(stages(DEPLOY / "matcher.Dockerfile")[-1])
-    assert final["EXPOSE"] == config_map_of(objects, matcher(objects))["MATCHER_PORT"]
+    config = config_map_of(objects, matcher(objects))
+    assert final["EXPOSE"].split() == [config["MATCHER_PORT"], config["MATCHER_HTTP_PORT"]]
     assert final["ENTRYPOINT"] == '["python", "-m", "service"]'
     uid = final["USER"].split(":")[0]
     assert str(pod(matcher(objects))["securityContext"]["runAsUser"]) == uid

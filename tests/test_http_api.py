@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -401,3 +404,60 @@ async def test_http_off_and_a_taken_http_port(settings, server):
     taken = settings.model_copy(update={"http_port": server.http_port})
     with pytest.raises(OSError, match=f"cannot serve HTTP on localhost:{server.http_port}"):
         await start_server(taken, make_core(taken))
+
+
+# --- the README's examples ---
+
+
+def readme_curl_commands() -> list[str]:
+    """The `$ curl ...` commands of the README's HTTP section, continuation lines joined."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## HTTP/JSON API\n", 1)[1].split("\n## ", 1)[0]
+    commands, current = [], ""
+    for line in section.splitlines():
+        if line.startswith("$ curl") or current:
+            current += line.removeprefix("$ ").strip()
+            if current.endswith("\\"):
+                current = current[:-1] + " "
+                continue
+            commands.append(current)
+            current = ""
+    return commands
+
+
+async def test_the_readmes_curl_commands_work(server, demo, tmp_path):
+    curl = shutil.which("curl")
+    assert curl, "curl is needed: `apt-get install curl` (make test installs it as root)"
+    commands = readme_curl_commands()
+    assert len(commands) >= 6
+    reference = None  # the README's id, from its catalogue, is replaced by one of this one's
+    for command in commands:
+        if "Bearer" in command:  # needs a server with a token: test_token_and_tls_as_for_grpc
+            continue
+        local = command.replace("localhost:8080", f"localhost:{server.http_port}").replace(
+            "data/demo", str(demo.out)
+        )
+        local = local.replace("-o reference.jpg", f"-o {tmp_path / 'reference.jpg'}")
+        if reference is not None:
+            local = re.sub(r"/v1/references/\S+", f"/v1/references/{reference}", local)
+        result = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-c", local.replace("curl ", "curl -sS ", 1)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,  # for README.md
+            timeout=120,
+        )
+        assert result.returncode == 0, (command, result.stderr)
+        if "-o reference.jpg" in command:
+            assert (tmp_path / "reference.jpg").read_bytes()[:2] == b"\xff\xd8"
+            continue
+        body = json.loads(result.stdout)
+        if "README.md" in command:
+            assert body["error"]["status"] == "INVALID_ARGUMENT"
+        elif "/v1/match" in command:
+            expected = "rocket" if "rocket" in command else "chelsea"
+            assert body["matches"][0]["label"] == expected, command
+            reference = reference or body["matches"][0]["referenceId"]
+        else:
+            assert body == {"status": "ready"}
