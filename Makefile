@@ -34,7 +34,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
-	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
+	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -128,6 +128,7 @@ bench: export demo
 	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --engine-agreement --json build/bench-quality.json
 	$(PY) -m bench.phone_photos --json build/bench-phone-photos.json
 	$(PY) -m bench.service --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-service.json
+	$(PY) -m bench.http --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) --json build/bench-http.json
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
 	$(PY) -m bench.training --json build/bench-training.json

@@ -75,9 +75,12 @@ def wait_serving(
 
 
 @contextlib.contextmanager
-def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
-    """`python -m service FLAGS` on a free port (metrics on, on another free port), until
-    SERVING; yields (process, target, seconds from start to SERVING) and stops it afterwards."""
+def matcher_process(
+    flags: list[str], http_port: int = 0
+) -> Iterator[tuple[subprocess.Popen[bytes], str, float]]:
+    """`python -m service FLAGS` on a free port (metrics and HTTP on others: HTTP on
+    `http_port` when given), until SERVING; yields (process, target, seconds from start to
+    SERVING) and stops it afterwards."""
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.monotonic()
@@ -88,7 +91,7 @@ def matcher_process(flags: list[str]) -> Iterator[tuple[subprocess.Popen[bytes],
                 sys.executable,
                 "-m",
                 "service",
-                *("--port", str(port), "--metrics-port", "0", "--http-port", "0"),
+                *("--port", str(port), "--metrics-port", "0", "--http-port", str(http_port)),
                 *flags,
             ],
             env=env,

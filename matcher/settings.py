@@ -84,9 +84,10 @@ class CoreSettings(BackendSettings):
     """The matcher core: the backend, the classifier, image limits, batching, hot reload."""
 
     classifier: Path = Field(
-        Path("models/classifiers/efficientnet_lite0/classifier.skops"),
-        description="The trained classifier: .skops (loads without running code) or .joblib (a "
-        "pickle: runs code when loaded). Verified before it is opened.",
+        Path("models/classifiers/efficientnet_lite0"),
+        description="The trained classifier: a training run folder (what `make train` writes, "
+        "any matcher), or an svm's .skops (loads without running code) or .joblib (a pickle: "
+        "runs code when loaded) file. Verified before it is opened.",
     )
     classifier_sha256: str | None = Field(
         None,
