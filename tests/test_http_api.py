@@ -386,6 +386,8 @@ async def test_token_and_tls_as_for_grpc(settings, certs, tmp_path, demo):
         assert "bearer token" in body["error"]["message"]
         status, body = await status_of("GET", "/v1/model", TOKEN + "x")
         assert status == 403 and body["error"]["message"] == "the bearer token is not valid"
+        status, body = await status_of("POST", "/v1/feedback", None, data=form(path, label=label))
+        assert status == 401  # feedback too: it writes files
         status, body = await status_of("POST", "/v1/match", TOKEN, data=form(path))
         assert status == 200 and body["matches"][0]["label"] == label
         # Probes and the page need no token (as gRPC health, by default).
@@ -396,6 +398,26 @@ async def test_token_and_tls_as_for_grpc(settings, certs, tmp_path, demo):
             with pytest.raises(aiohttp.ClientError):
                 async with plain.get(url(running, "/healthz")):
                     pass
+
+
+async def test_mutual_tls_asks_every_http_client_for_a_certificate(settings, certs, demo):
+    mutual = settings.model_copy(
+        update={
+            "tls_cert": certs.server_cert,
+            "tls_key": certs.server_key,
+            "tls_client_ca": certs.ca,
+        }
+    )
+    async with serving(mutual, load=False) as running:
+        without = ssl.create_default_context(cafile=certs.ca)
+        with_cert = ssl.create_default_context(cafile=certs.ca)
+        with_cert.load_cert_chain(certs.client_cert, certs.client_key)
+        async with aiohttp.ClientSession() as https:
+            with pytest.raises(aiohttp.ClientError):
+                async with https.get(url(running, "/healthz", "https"), ssl=without) as r:
+                    await r.read()
+            async with https.get(url(running, "/healthz", "https"), ssl=with_cert) as r:
+                assert r.status == 200
 
 
 async def test_http_off_and_a_taken_http_port(settings, server):
