@@ -34,6 +34,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,7 +267,11 @@ def _int8(converter: Any, views: list[np.ndarray]) -> tuple[bytes, tuple[int, in
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=debug_dataset
     )
-    debugger.run()
+    with warnings.catch_warnings():
+        # The debugger runs TensorFlow's own deprecated tf.lite.Interpreter; nothing to act on.
+        warnings.filterwarnings("ignore", ".*tf.lite.Interpreter is deprecated")
+        warnings.filterwarnings("ignore", ".*Statistics for quantized inputs were expected")
+        debugger.run()
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
     rows = list(csv.DictReader(io.StringIO(dump.getvalue())))

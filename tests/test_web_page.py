@@ -4,6 +4,7 @@ and desktop size go to build/ (`build/page-phone-*.png`, `build/page-desktop.png
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -96,6 +97,22 @@ async def test_a_demo_query_shows_its_label_first_with_a_reference_image(phone, 
     BUILD.mkdir(exist_ok=True)
     await phone.screenshot(path=BUILD / "page-phone-match.png", full_page=True)
     assert phone.problems == []
+
+
+async def test_a_photo_dropped_on_the_page_is_matched(phone, demo):
+    label, path = query_images(demo)[3]
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    transfer = await phone.evaluate_handle(
+        """(encoded) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+            return data;
+        }""",
+        encoded,
+    )
+    await phone.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    await expect(phone.locator("#verdict")).to_have_text(label)
 
 
 async def test_a_corrupt_file_shows_the_servers_message(phone, stub):
