@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -291,12 +291,12 @@ class HttpApi:
     # --- the API ---
 
     async def match(self, request: web.Request) -> web.Response:
-        message = await _image_request(request)
+        message = await _image_request(request, self._settings.max_receive_bytes)
         result = await self._core.match(*converters.match_args(message))
         return web.json_response(to_json(converters.match_to_proto(result)))
 
     async def embed(self, request: web.Request) -> web.Response:
-        message = await _image_request(request)
+        message = await _image_request(request, self._settings.max_receive_bytes)
         result = await self._core.embed(message.image)
         return web.json_response(to_json(converters.embed_to_proto(result)))
 
@@ -323,9 +323,9 @@ class HttpApi:
                 grpc.StatusCode.NOT_FOUND,
                 "feedback is off on this server; start it with --feedback-dir DIR",
             )
-        form = await _form(request)
-        image = _file_field(form, "image")
-        label = str(form.get("label", ""))
+        form = await read_form(request, self._settings.max_receive_bytes)
+        image = form.file("image")
+        label = form.fields.get("label", "")
         labels = self._core.describe().labels
         if label not in labels or label in (".", "..") or "/" in label:
             raise ApiError(
@@ -333,7 +333,9 @@ class HttpApi:
                 f"label {label[:100]!r} is not a catalogue label; choose one of GetModelInfo's",
             )
         header = self._core.inspect(image)
-        answer = {key: str(form[key])[:200] for key in ("answer", "verdict") if key in form}
+        answer: dict[str, str] = {
+            key: form.fields[key][:200] for key in ("answer", "verdict") if key in form.fields
+        }
         saved = await asyncio.to_thread(
             save_feedback, self._feedback_dir, label, image, header.format, answer
         )
@@ -367,28 +369,54 @@ def _route_name(request: web.Request) -> str:
     return "/static" if canonical.startswith("/static") else canonical
 
 
-async def _form(request: web.Request) -> Any:
+@dataclass
+class Form:
+    """A form's text fields and file fields (their bytes), read into memory."""
+
+    fields: dict[str, str]
+    files: dict[str, bytes]
+
+    def file(self, name: str) -> bytes:
+        if name not in self.files:
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'send the photo as the multipart file field "{name}" (curl -F {name}=@photo.jpg)',
+            )
+        return self.files[name]
+
+
+async def read_form(request: web.Request, limit: int) -> Form:
+    """The form of a multipart or urlencoded body. Multipart parts are read into memory, at most
+    `limit` bytes in all (aiohttp's `post()` would spool each file part to a temporary file)."""
     if request.content_type not in FORM_TYPES:
         raise ApiError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"send multipart/form-data, not {request.content_type!r}",
             415,
         )
-    return await request.post()
+    if request.content_type != "multipart/form-data":
+        posted = await request.post()
+        return Form({key: str(value) for key, value in posted.items()}, {})
+    form = Form({}, {})
+    total = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            continue  # a nested multipart or a nameless part: nothing of ours
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            total += len(chunk)
+            if total > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+            data.extend(chunk)
+        if part.filename is not None:
+            form.files[part.name] = bytes(data)
+        else:
+            form.fields[part.name] = data.decode(part.get_charset("utf-8"), "replace")
+    return form
 
 
-def _file_field(form: Any, name: str) -> bytes:
-    field = form.get(name)
-    if not isinstance(field, web.FileField):
-        raise ApiError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f'send the photo as the multipart file field "{name}" (curl -F {name}=@photo.jpg)',
-        )
-    data: bytes = field.file.read()
-    return data
-
-
-async def _image_request(request: web.Request) -> matcher_pb2.ImageRequest:
+async def _image_request(request: web.Request, limit: int) -> matcher_pb2.ImageRequest:
     """The ImageRequest of a JSON body, a multipart form or a raw image body."""
     content_type = request.content_type
     if content_type == "application/json":
@@ -401,9 +429,9 @@ async def _image_request(request: web.Request) -> matcher_pb2.ImageRequest:
                 f"the JSON body is not an ImageRequest (image as base64): {exc}",
             ) from None
     if content_type in FORM_TYPES:
-        form = await request.post()
-        message = matcher_pb2.ImageRequest(image=_file_field(form, "image"))
-        options = {key: value for key, value in form.items() if isinstance(value, str)}
+        form = await read_form(request, limit)
+        message = matcher_pb2.ImageRequest(image=form.file("image"))
+        options = form.fields
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         message = matcher_pb2.ImageRequest(image=await request.read())
         options = {}
