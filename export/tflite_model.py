@@ -264,28 +264,28 @@ def _int8(converter: Any, views: list[np.ndarray]) -> tuple[bytes, tuple[int, in
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = dataset
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=debug_dataset
-    )
     with warnings.catch_warnings():
         # The debugger runs TensorFlow's own deprecated tf.lite.Interpreter; nothing to act on.
         warnings.filterwarnings("ignore", ".*tf.lite.Interpreter is deprecated")
         warnings.filterwarnings("ignore", ".*Statistics for quantized inputs were expected")
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=debug_dataset
+        )
         debugger.run()
-    dump = io.StringIO()
-    debugger.layer_statistics_dump(dump)
-    rows = list(csv.DictReader(io.StringIO(dump.getvalue())))
-    kept_float = [
-        row["tensor_name"]
-        for row in rows
-        if float(row["scale"]) > 0
-        and float(row["mean_squared_error"]) ** 0.5 / float(row["scale"]) > MAX_LAYER_ERROR
-    ]
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=kept_float)
-    selective = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=debug_dataset, debug_options=options
-    )
-    data: bytes = selective.get_nondebug_quantized_model()
+        dump = io.StringIO()
+        debugger.layer_statistics_dump(dump)
+        rows = list(csv.DictReader(io.StringIO(dump.getvalue())))
+        kept_float = [
+            row["tensor_name"]
+            for row in rows
+            if float(row["scale"]) > 0
+            and float(row["mean_squared_error"]) ** 0.5 / float(row["scale"]) > MAX_LAYER_ERROR
+        ]
+        options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=kept_float)
+        selective = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=debug_dataset, debug_options=options
+        )
+        data: bytes = selective.get_nondebug_quantized_model()
     return data, (len(kept_float), len(rows))
 
 
