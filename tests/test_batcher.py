@@ -24,9 +24,12 @@ class FakeModel:
         self.calls: list[int] = []
         self.release = threading.Event()
         self.release.set()
+        #: Set when a call has started (and is held while `release` is clear).
+        self.entered = threading.Event()
 
     def __call__(self, images: Sequence[bytes]) -> np.ndarray:
-        self.release.wait(5)
+        self.entered.set()
+        self.release.wait(30)
         self.calls.append(len(images))
         time.sleep(self.pause_s)
         if any(image == b"bad" for image in images):
@@ -54,9 +57,23 @@ async def test_a_lone_request_runs_at_once() -> None:
     print(f"lone request answered in {1000 * (time.monotonic() - started):.1f} ms")
 
 
+async def in_the_model(model: FakeModel) -> None:
+    """Until the model has been called (the worker thread took a batch)."""
+    assert await asyncio.to_thread(model.entered.wait, 30), "the model was never called"
+
+
+async def until_queued(batcher: DynamicBatcher, count: int) -> None:
+    """Until `count` requests wait in the batcher's queue (each task gets its turn)."""
+    async with asyncio.timeout(30):
+        while batcher.queued < count:
+            await asyncio.sleep(0)
+
+
 async def test_a_timeout_lets_a_batch_fill() -> None:
+    """Arrivals 20 ms apart join the first one's batch: the window (30 s here, so that a busy
+    machine cannot close it early) ends as soon as the batch is full."""
     model = FakeModel(pause_s=0)
-    batcher = DynamicBatcher(model, BatchingOptions(timeout_s=0.5))
+    batcher = DynamicBatcher(model, BatchingOptions(timeout_s=30, max_batch_size=4))
 
     async def later(i: int) -> np.ndarray:
         await asyncio.sleep(0.02 * i)
@@ -72,9 +89,9 @@ async def test_one_bad_image_does_not_fail_its_batch_mates() -> None:
     model.release.clear()  # hold the first call so the others queue into one batch
     batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8))
     first = asyncio.create_task(batcher.features(b"0"))
-    await asyncio.sleep(0.05)
+    await in_the_model(model)
     rest = [asyncio.create_task(batcher.features(image)) for image in (b"1", b"bad", b"3")]
-    await asyncio.sleep(0.05)
+    await until_queued(batcher, 3)
     model.release.set()
     results = await asyncio.gather(first, *rest, return_exceptions=True)
     await batcher.close()
@@ -89,9 +106,9 @@ async def test_a_full_queue_is_overloaded() -> None:
     model.release.clear()
     batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1, max_queue=2))
     running = asyncio.create_task(batcher.features(b"0"))
-    await asyncio.sleep(0.05)  # the first is in the model; two more fill the queue
+    await in_the_model(model)  # the first is in the model; two more fill the queue
     queued = [asyncio.create_task(batcher.features(b"1")) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 2)
     with pytest.raises(OverloadedError, match="2 requests are already waiting"):
         await batcher.features(b"9")
     model.release.set()
@@ -104,10 +121,10 @@ async def test_a_caller_that_gave_up_is_skipped() -> None:
     model.release.clear()
     batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8))
     first = asyncio.create_task(batcher.features(b"0"))
-    await asyncio.sleep(0.05)
+    await in_the_model(model)
     gone = asyncio.create_task(batcher.features(b"1"))
     kept = asyncio.create_task(batcher.features(b"2"))
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 2)
     gone.cancel()
     model.release.set()
     await asyncio.gather(first, kept)

@@ -173,13 +173,11 @@ async def test_decompression_bomb_is_refused_from_the_header(stub, limits, case)
     # Runs before the corpus so that the peak memory it compares with is the server's own.
     image = case.build(limits)
     peak_before = peak_rss_mib()
-    started = time.perf_counter()
     code, details, _ = await match(stub, image)
-    elapsed = time.perf_counter() - started
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "limit" in details, details  # the header check's words, not the decoder's
-    assert elapsed < 1.0, f"{elapsed:.2f} s: decoded?"
-    # Decoding even one of these would need gigabytes.
+    # Decoding even one of these would need gigabytes (memory, not time, is the evidence: a
+    # busy machine can be slow either way).
     assert peak_rss_mib() - peak_before < 64
 
 

@@ -152,11 +152,12 @@ def test_unavailable_is_retried_with_backoff_and_nothing_else_is(double) -> None
 def test_a_slow_backend_hits_the_deadline(double) -> None:
     backend = backend_for(double.target, timeout_s=0.3)
     backend.load()
-    double.delay_s = 1.0
+    double.delay_s = 3.0
     started = time.monotonic()
     with pytest.raises(BackendUnavailableError, match="DEADLINE_EXCEEDED"):
         backend.features([samples.jpeg()])
-    assert time.monotonic() - started < 1.0
+    # Given up at the 0.3 s deadline, not after the double's answer: 10x margin for a busy CPU.
+    assert time.monotonic() - started < double.delay_s
 
 
 def test_calls_are_spread_over_every_replica(exported_model) -> None:
