@@ -42,10 +42,20 @@ def discover(root: Path) -> Dataset:
         raise DatasetError(f"{root} is not a folder; expected DATA/<label>/<image> files")
     paths: list[Path] = []
     labels: list[str] = []
+    empty: list[str] = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _reserved(p)):
         images = images_in(label_dir)
+        if not images:
+            empty.append(label_dir.name)
         paths.extend(images)
         labels.extend([label_dir.name] * len(images))
+    if empty:
+        # An item whose photos are missing would otherwise vanish from the catalogue unnoticed.
+        shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise DatasetError(
+            f"label folder(s) {shown} under {root} hold no images ({', '.join(IMAGE_SUFFIXES)}): "
+            "add photos, or move the folder out (or name it _<name> to keep it aside)"
+        )
     dataset = Dataset(root, paths, labels)
     if len(dataset.label_names) < 2:
         raise DatasetError(

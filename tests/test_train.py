@@ -229,6 +229,17 @@ def test_dataset_layout_is_one_folder_per_label(tmp_path: Path) -> None:
     assert [p.name for p in dataset.paths] == ["x.JPG", "y.png"]
 
 
+def test_an_empty_label_folder_is_refused_not_dropped(tmp_path: Path) -> None:
+    for label in ("a", "b", "c"):
+        (tmp_path / label).mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    (tmp_path / "b" / "y.jpg").write_bytes(b"")
+    (tmp_path / "c" / "notes.txt").write_bytes(b"")  # no image: the item would vanish
+    (tmp_path / "_aside").mkdir()  # reserved folders may be empty
+    with pytest.raises(DatasetError, match=r"label folder\(s\) c under .* hold no images"):
+        discover(tmp_path)
+
+
 def test_one_label_is_not_a_dataset(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "x.jpg").write_bytes(b"")
