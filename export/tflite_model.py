@@ -46,7 +46,7 @@ import tensorflow as tf
 from integrity.manifest import write_manifest
 from matcher.backbones.builder import ExportError, build_backbone
 from matcher.classifier import INDEX_MATCHERS, TEMPERATURE, Classifier
-from matcher.layout import read_model_info
+from matcher.layout import REFERENCES_DIR, read_model_info
 from matcher.pixels import network_input
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,6 @@ def _converter(network: Any, staging: Path) -> Any:
 
 def _calibration_views(run: Path, size: int) -> list[np.ndarray]:
     """Network inputs of the catalogue's reference thumbnails (every label, evenly)."""
-    from matcher.layout import REFERENCES_DIR
-
     paths = sorted(p for p in (run / REFERENCES_DIR).rglob("*") if p.is_file())
     if not paths:
         raise ExportError(f"{run}/{REFERENCES_DIR} holds no reference views to calibrate on")

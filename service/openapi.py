@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from matcher.v1 import matcher_pb2
+from service.converters import VIEWS
 
 TITLE = "Matcher HTTP/JSON API"
 #: The messages the API sends or takes; their enums and nested messages come along.
@@ -106,7 +107,7 @@ _OPTION_PROPERTIES = {
     },
     "views": {
         "type": "string",
-        "enum": ["whole", "crops", "crops_rotations"],
+        "enum": list(VIEWS),
         "description": "How thoroughly to look (Match only); VIEWS_* names are accepted too.",
     },
 }
