@@ -16,25 +16,25 @@ CLASSIFIER_DIR ?= models/classifiers/$(BACKBONE)
 # manifest, written last, marks a finished training.
 CLASSIFIER := $(CLASSIFIER_DIR)
 TRAINED := $(CLASSIFIER_DIR)/manifest.json
-MATCHER ?= knn
+MATCHER ?= auto
 DEMO := data/demo
 DATA ?= $(DEMO)/train
 IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train report run serve match browser test check format bench soak clean
+.PHONY: help setup proto export demo train report run serve match browser test check format bench fashion-data soak clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
 	@echo "make test     run the test suite"
 	@echo "make export   BACKBONE=... WEIGHTS=imagenet|PATH|random"
-	@echo "make train    DATA=folder-of-label-folders [MATCHER=knn|prototype|svm] (the run folder and its HTML report)"
+	@echo "make train    DATA=folder-of-label-folders [MATCHER=auto|knn|prototype|linear|svm] (the run folder and its HTML report)"
 	@echo "make report   [RUN=models/classifiers/$(BACKBONE)] [REPORT_IMAGE=photo.jpg]: redraw the report"
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
-	@echo "make bench    (about 75 min on 2 cores) extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
+	@echo "make bench    (about 2 h on 2 cores) Fashion-MNIST (70,000 photos: accuracy per backbone, layer and matcher), index search (exact vs faiss), Ray against local extraction, extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -132,6 +132,22 @@ bench: export demo
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
 	$(PY) -m bench.training --json build/bench-training.json
+	$(PY) -m bench.index_search --json build/bench-index-search.json
+	$(PY) -m bench.ray_scale --model-dir $(MODEL_DIR) --json build/bench-ray-scale.json
+	$(MAKE) fashion-data
+	$(PY) -m bench.fashion --model-dir $(MODEL_DIR) --json build/bench-fashion.json
+
+# Fashion-MNIST (bench.fashion): Debian's package, installed with apt when missing and root.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-data:
+	@test -f $(FASHION) || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's dataset-fashion-mnist for bench.fashion"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+		else \
+			echo "bench.fashion needs Debian's dataset-fashion-mnist: sudo apt-get install dataset-fashion-mnist"; \
+			exit 1; \
+		fi; }
 
 # Steady load on a matcher process; fails on any error or on RSS growth above 5 % after warm-up.
 SOAK_S ?= 1200

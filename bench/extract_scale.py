@@ -61,7 +61,7 @@ def extract(
     backend.load()
     paths = sorted(photos.glob("*/*.jpg"))[:count]
     cache = FeatureCache(out.parent / "cache", backend.info.cache_key)
-    sampler = _AnonPeak()
+    sampler = AnonPeak()
     started = time.perf_counter()
     with sampler:
         extraction = extract_features(paths, backend, cache, out=out, progress=True)
@@ -78,7 +78,7 @@ def extract(
     }
 
 
-class _AnonPeak:
+class AnonPeak:
     """Samples the process's anonymous resident memory (RssAnon: not file pages) while open."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
@@ -87,7 +87,7 @@ class _AnonPeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> _AnonPeak:
+    def __enter__(self) -> AnonPeak:
         self._thread.start()
         return self
 

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--layer",
-        help="average-pool the features from this layer (default: the last), e.g. mixed7",
+        help="average-pool the features from this layer (default: the last), e.g. mixed7; several, "
+        "comma-separated, concatenate their pooled outputs (multi-layer features)",
     )
     parser.add_argument(
         "--precision",

@@ -92,9 +92,10 @@ class Classifier:
     ) -> None:
         self._estimator = estimator
         self.info = info
-        #: "svm" (the estimator ranks), or "knn" / "prototype" (the index ranks; no estimator).
+        #: "svm" or "linear" (the estimator ranks; `matcher` says "svm" for any estimator), or
+        #: "knn" / "prototype" (the index ranks; no estimator).
         self.matcher = matcher
-        if matcher != "svm" and catalogue is None:
+        if matcher in INDEX_MATCHERS and catalogue is None:
             raise ModelLoadError(f"the {matcher} matcher needs the run folder's index")
         #: The index, thumbnails and no-match threshold of the run folder (None: no index).
         self.catalogue = catalogue
@@ -146,10 +147,11 @@ class Classifier:
 
     @classmethod
     def _load_run(cls, folder: Path, expected_sha256: str | None) -> Classifier:
-        """A run folder: the svm's file, or the index alone for `knn` and `prototype`."""
+        """A run folder: the svm's or linear's file, or the index alone for `knn` and
+        `prototype`."""
         report = read_run_report(folder)
         matcher = str(report.get("matcher", "svm"))
-        if matcher == "svm":
+        if matcher in FILE_MATCHERS:
             return cls.load(folder / str(report["classifier"]["file"]), expected_sha256)
         if matcher not in INDEX_MATCHERS:
             raise ModelLoadError(f"{folder / REPORT_FILE} names an unknown matcher {matcher!r}")
@@ -215,6 +217,8 @@ class Classifier:
         return np.asarray(self._estimator.predict_proba(features), dtype=np.float64)
 
 
+#: The matchers whose model is a classifier file named by the report (the estimator ranks).
+FILE_MATCHERS = ("svm", "linear")
 #: The matchers that rank by the index alone, and the type GetModelInfo reports for each.
 INDEX_MATCHERS = {"knn": "NearestView", "prototype": "NearestPrototype"}
 #: Similarities become probabilities by a softmax at this temperature: a label 0.1 more
@@ -339,6 +343,10 @@ def _describe(estimator: Any, sha256: str, report: dict[str, Any] | None) -> Cla
     type_name = type(estimator).__name__
     if inner is not None:
         type_name = f"{type_name}({type(inner).__name__})"
+    steps = getattr(estimator, "steps", None)
+    if steps:  # a Pipeline (the linear matcher): its steps, the last one's parameters
+        type_name = f"{type_name}({', '.join(type(step).__name__ for _, step in steps)})"
+        inner = steps[-1][1]
     params_of = inner if inner is not None else estimator
     report = report or {}
     return ClassifierInfo(
@@ -355,7 +363,7 @@ def _describe(estimator: Any, sha256: str, report: dict[str, Any] | None) -> Cla
 def _svm_params(estimator: Any) -> dict[str, str]:
     """The hyper-parameters the grid search chooses (gamma only where the kernel uses it)."""
     params = estimator.get_params(deep=False) if hasattr(estimator, "get_params") else {}
-    keys = ["kernel", "C"]
+    keys = ["kernel", "C", "penalty"]
     if params.get("kernel") in ("rbf", "poly", "sigmoid"):
         keys.append("gamma")
     return {key: str(params[key]) for key in keys if key in params}

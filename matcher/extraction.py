@@ -57,6 +57,8 @@ class FeatureCache:
     """One .npy file per (model, image content) under `root/<model key>/ab/<sha256>.npy`."""
 
     def __init__(self, root: Path, model_key: str) -> None:
+        self.root = root
+        self.model_key = model_key
         self.dir = root / model_key
 
     def _path(self, digest: str) -> Path:
@@ -103,6 +105,8 @@ class Extraction:
     computed: int
     #: The `.npy` holding `features` (None when they are in memory).
     out: Path | None = None
+    #: Photos each Ray node computed or looked up, by node id (None: extracted locally).
+    nodes: dict[str, int] | None = None
 
 
 def kept_mask_path(out: Path) -> Path:
@@ -132,7 +136,7 @@ def extract_features(
     if batch_size < 1 or prefetch < 1 or readers < 1:
         raise ValueError("batch_size, prefetch and readers must be at least 1")
     limits = limits or ImageLimits()
-    sink = _Sink(out, len(paths), backend.info.feature_dim)
+    sink = FeatureSink(out, len(paths), backend.info.feature_dim)
     run = _Run(paths, backend, cache, sink)
     try:
         with (
@@ -153,8 +157,9 @@ def extract_features(
 
 
 @dataclass
-class _Scanned:
-    """One file after reading: exactly one of `data` (to compute), `row`, `error` is set."""
+class Scanned:
+    """One file after reading (`scan_file`): exactly one of `data` (to compute), `row` (from
+    the cache), `error` is set."""
 
     index: int
     digest: str = ""
@@ -163,21 +168,22 @@ class _Scanned:
     error: str | None = None
 
 
-def _scan_one(index: int, path: Path, cache: FeatureCache | None, limits: ImageLimits) -> _Scanned:
+def scan_file(index: int, path: Path, cache: FeatureCache | None, limits: ImageLimits) -> Scanned:
+    """Read, hash, look up in the cache and check one file (the readers' stage)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return _Scanned(index, error=f"could not be read: {exc.strerror or exc}")
+        return Scanned(index, error=f"could not be read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     row = cache.get(digest) if cache else None
     if row is not None:
-        return _Scanned(index, digest, row=row)
+        return Scanned(index, digest, row=row)
     try:
         # The same bytes the server would send the graph (HEIC, WebP, turned photos rewritten).
         prepared = for_graph(data, inspect_image(data, limits))
     except InvalidImageError as exc:
-        return _Scanned(index, digest, error=str(exc))
-    return _Scanned(index, digest, data=prepared)
+        return Scanned(index, digest, error=str(exc))
+    return Scanned(index, digest, data=prepared)
 
 
 def _scan(
@@ -186,12 +192,12 @@ def _scan(
     limits: ImageLimits,
     pool: ThreadPoolExecutor,
     window: int,
-) -> Generator[_Scanned, None, None]:
+) -> Generator[Scanned, None, None]:
     """Every file scanned by the pool, in input order, at most `window` files ahead."""
-    ahead: deque[Future[_Scanned]] = deque()
+    ahead: deque[Future[Scanned]] = deque()
     try:
         for index, path in enumerate(paths):
-            ahead.append(pool.submit(_scan_one, index, path, cache, limits))
+            ahead.append(pool.submit(scan_file, index, path, cache, limits))
             if len(ahead) >= window:
                 yield ahead.popleft().result()
         while ahead:
@@ -201,13 +207,13 @@ def _scan(
             future.cancel()
 
 
-def _batches(scanned: Iterable[_Scanned], batch_size: int) -> Generator[list[_Scanned], None, None]:
+def _batches(scanned: Iterable[Scanned], batch_size: int) -> Generator[list[Scanned], None, None]:
     """Consecutive runs of scanned files holding `batch_size` to compute (fewer at the end).
 
     A run also closes after `batch_size` files that need no model call (cached or rejected),
     so a mostly cached folder still moves the progress bar and holds little in memory.
     """
-    batch: list[_Scanned] = []
+    batch: list[Scanned] = []
     to_compute = 0
     for item in scanned:
         batch.append(item)
@@ -279,8 +285,9 @@ class _Prefetch(Generic[T]):
         return False
 
 
-class _Sink:
-    """Kept rows, appended in input order, in memory or to a `.npy` file.
+class FeatureSink:
+    """Kept rows, appended in input order, in memory or to a `.npy` file (`append`, then
+    `finish` with the kept indices, or `abort`).
 
     The file is written, not memory-mapped while it fills: written pages of a mapping count in
     the process's resident memory (244 MB more peak RSS at 50,000 images), file writes only
@@ -353,6 +360,25 @@ def _truncate_npy(path: Path, rows: int, dim: int, offset: int) -> None:
         file.truncate(offset + rows * dim * np.dtype(np.float32).itemsize)
 
 
+def compute_batch(
+    backend: FeatureExtractor, batch: Sequence[Scanned]
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Features of the batch's files that need the model, by input index, and why the model
+    refused the others (one undecodable image does not fail its batch)."""
+    new = [item for item in batch if item.data is not None]
+    computed: dict[int, np.ndarray] = {}
+    failures: dict[int, str] = {}
+    if not new:
+        return computed, failures
+    answers = answer_each(backend.features, [item.data or b"" for item in new])
+    for item, answer in zip(new, answers, strict=True):
+        if isinstance(answer, InvalidImageError):
+            failures[item.index] = str(answer)
+        else:
+            computed[item.index] = answer
+    return computed, failures
+
+
 class _Run:
     """What the consumer (the calling thread) keeps: counts, rejections and the sink."""
 
@@ -361,7 +387,7 @@ class _Run:
         paths: Sequence[Path],
         backend: FeatureExtractor,
         cache: FeatureCache | None,
-        sink: _Sink,
+        sink: FeatureSink,
     ) -> None:
         self.paths = paths
         self.backend = backend
@@ -372,18 +398,10 @@ class _Run:
         self.computed = 0
         self._writes: deque[Future[None]] = deque()
 
-    def consume(self, batch: list[_Scanned], pool: ThreadPoolExecutor) -> None:
+    def consume(self, batch: list[Scanned], pool: ThreadPoolExecutor) -> None:
         """Run the model on the batch's new images and append its kept rows to the sink."""
-        new = [item for item in batch if item.data is not None]
-        answers = answer_each(self.backend.features, [item.data or b"" for item in new])
-        computed: dict[int, np.ndarray] = {}
-        failures: dict[int, str] = {}
-        for item, answer in zip(new, answers, strict=True):
-            if isinstance(answer, InvalidImageError):
-                failures[item.index] = str(answer)
-            else:
-                computed[item.index] = answer
-        ok = [item for item in new if item.index in computed]
+        computed, failures = compute_batch(self.backend, batch)
+        ok = [item for item in batch if item.index in computed]
         rows = []
         for item in batch:
             row = item.row if item.row is not None else computed.get(item.index)

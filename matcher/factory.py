@@ -37,7 +37,11 @@ def make_backend(settings: BackendSettings) -> FeatureBackend:
     from matcher.backends.embedded import EmbeddedBackend
 
     return EmbeddedBackend(
-        settings.model_dir, settings.model_version, settings.engine, settings.precision
+        settings.model_dir,
+        settings.model_version,
+        settings.engine,
+        settings.precision,
+        settings.engine_threads,
     )
 
 

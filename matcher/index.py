@@ -9,10 +9,16 @@ docs/benchmarks.md, "No match"). For each query and each label the index answers
 most similar reference view: the evidence a person can look at (`GetReference`), the score the
 "no match" verdict is judged on, and, for the `knn` and `prototype` matchers, the ranking.
 
-Search is exact: one matrix product against every view, then the best view of each label (an
-argmax over each label's rows, which are kept together). Above `FAISS_MIN_VIEWS` views the
-nearest `FAISS_NEIGHBOURS` views come from faiss instead (exact inner product, `IndexFlatIP`,
-without the [queries, views] matrix), and a label with no view among them gets no reference.
+Search is exact up to `FAISS_MIN_VIEWS` views: one matrix product against every view, then the
+best view of each label (an argmax over each label's rows, which are kept together). Exact
+search costs a pass over every view per query (at 1280 floats a view, 1 GB and about 40 ms a
+query on 2 cores at 200,000 views; docs/benchmarks.md, "Large catalogues"). Above it, the
+nearest `FAISS_NEIGHBOURS` views come from a faiss inverted-file index (`IndexIVFFlat`, inner
+product): the views are partitioned into `ivf_lists(n)` clusters by k-means, and a query scans
+only the `IVF_PROBES` clusters nearest to it; a label with no view among the neighbours gets no
+reference. The clusters (centroids, and each view's cluster) are computed once, when the index
+is saved, and stored in the file, so loading only fills faiss's lists (no k-means at start);
+views added later (`with_views`) join their nearest existing cluster.
 
 The file is a plain `.npz` of arrays (no pickle: `allow_pickle=False`), listed in the run
 folder's manifest like every other artefact.
@@ -29,10 +35,24 @@ import numpy as np
 
 from matcher.errors import ModelLoadError
 
-#: Above this many views, neighbours come from faiss instead of a full similarity matrix.
+#: From this many views, neighbours come from faiss's inverted file instead of exact search.
 FAISS_MIN_VIEWS = 200_000
 #: How many nearest views faiss returns per query, merged into labels.
 FAISS_NEIGHBOURS = 256
+#: Clusters a query scans. With `ivf_lists` clusters that is about 1 % of the views at
+#: 200,000 and 0.6 % at 1,000,000; recall of the nearest view is in docs/benchmarks.md.
+IVF_PROBES = 24
+#: Views k-means learns the clusters from (a sample above that: the centroids settle long
+#: before every view is seen, and k-means costs views x clusters x dimensions per pass).
+IVF_TRAINING_VIEWS = 100_000
+
+
+def ivf_lists(views: int) -> int:
+    """Clusters of an inverted file over `views` views: about 4 sqrt(N), faiss's usual rule."""
+    # faiss wants at least 39 training views per cluster.
+    return max(1, min(min(views, IVF_TRAINING_VIEWS) // 39, int(4 * np.sqrt(views))))
+
+
 #: Similarity given to a label none of whose views was searched (faiss path only).
 UNSEEN = -1.0
 
@@ -88,6 +108,9 @@ class CatalogueIndex:
         self._row_of_id = {reference: row for row, reference in enumerate(self.ids)}
         self._faiss: Any = None
         self._prototypes: np.ndarray | None = None
+        #: The inverted file's clusters: centroids [C, D] and each row's cluster [N] (None
+        #: until `clusters()` computes them or `from_bytes` reads them).
+        self._ivf: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(
@@ -120,21 +143,29 @@ class CatalogueIndex:
         vectors = np.concatenate([self.vectors, added])
         row_labels, all_ids = [*self.row_labels, *labels], [*self.ids, *ids]
         order = np.argsort(np.asarray(row_labels), kind="stable")
-        return CatalogueIndex(
+        grown = CatalogueIndex(
             vectors[order], [row_labels[i] for i in order], [all_ids[i] for i in order], self.centre
         )
+        if self._ivf is not None:  # the new views join their nearest existing cluster
+            centroids, assigned = self._ivf
+            joined = np.concatenate([assigned, _nearest_centroid(centroids, added)])
+            grown._ivf = (centroids, joined[order])
+        return grown
 
     def without_label(self, label: str) -> CatalogueIndex:
         """This index with every view of `label` gone."""
         keep = [row for row, name in enumerate(self.row_labels) if name != label]
         if len(keep) == self.size:
             raise ValueError(f"the index holds no label {label!r}")
-        return CatalogueIndex(
+        smaller = CatalogueIndex(
             self.vectors[keep],
             [self.row_labels[i] for i in keep],
             [self.ids[i] for i in keep],
             self.centre,
         )
+        if self._ivf is not None:
+            smaller._ivf = (self._ivf[0], self._ivf[1][keep])
+        return smaller
 
     @property
     def size(self) -> int:
@@ -176,13 +207,27 @@ class CatalogueIndex:
         similarity: np.ndarray = centred @ self.prototypes().T
         return similarity
 
-    def _search_faiss(self, queries: np.ndarray) -> Neighbours:
-        import faiss
+    def clusters(self) -> tuple[np.ndarray, np.ndarray]:
+        """The inverted file's clusters: centroids [C, D] and each view's cluster [N].
 
+        k-means (faiss, seeded) on at most `IVF_TRAINING_VIEWS` views, computed once."""
+        if self._ivf is None:
+            import faiss
+
+            count = ivf_lists(self.size)
+            sample = self.vectors
+            if self.size > IVF_TRAINING_VIEWS:
+                rng = np.random.default_rng(0)
+                sample = self.vectors[np.sort(rng.choice(self.size, IVF_TRAINING_VIEWS, False))]
+            kmeans = faiss.Kmeans(self.dim, count, niter=10, seed=0, spherical=True)
+            kmeans.train(np.ascontiguousarray(sample))
+            centroids = np.asarray(kmeans.centroids, np.float32)
+            self._ivf = (centroids, _nearest_centroid(centroids, self.vectors))
+        return self._ivf
+
+    def _search_faiss(self, queries: np.ndarray) -> Neighbours:
         if self._faiss is None:
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(self.vectors)
-            self._faiss = index
+            self._faiss = self._inverted_file()
         k = min(FAISS_NEIGHBOURS, self.size)
         scores, found = self._faiss.search(np.ascontiguousarray(queries), k)
         best = np.full((len(queries), len(self.labels)), UNSEEN, dtype=np.float32)
@@ -195,18 +240,35 @@ class CatalogueIndex:
                     best[q, column], rows[q, column] = score, row
         return Neighbours(best, rows)
 
+    def _inverted_file(self) -> Any:
+        """faiss's IndexIVFFlat over the views, filled from the stored clusters."""
+        import faiss
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        centroids, assigned = self.clusters()
+        quantizer = faiss.IndexFlatIP(self.dim)
+        quantizer.add(centroids)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True  # the quantizer holds the centroids: nothing left to learn
+        add_preassigned(index, self.vectors, assigned)  # type: ignore[no-untyped-call]
+        index.nprobe = min(IVF_PROBES, len(centroids))
+        # faiss's Python constructor keeps a reference to the quantizer inside the index.
+        return index
+
     # --- the file ---
 
     def save(self, path: Path) -> None:
         """Write the index as a plain `.npz` (written under another name, then renamed)."""
         tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(
-            tmp,
-            vectors=self.vectors,
-            centre=self.centre,
-            labels=np.asarray(self.row_labels, dtype=str),
-            ids=np.asarray(self.ids, dtype=str),
-        )
+        arrays: dict[str, np.ndarray] = {
+            "vectors": self.vectors,
+            "centre": self.centre,
+            "labels": np.asarray(self.row_labels, dtype=str),
+            "ids": np.asarray(self.ids, dtype=str),
+        }
+        if self.size >= FAISS_MIN_VIEWS:  # searched through faiss: its clusters go with it
+            arrays["ivf_centroids"], arrays["ivf_assigned"] = self.clusters()
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)
 
     @classmethod
@@ -217,8 +279,39 @@ class CatalogueIndex:
 
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                return cls(
+                index = cls(
                     arrays["vectors"], list(arrays["labels"]), list(arrays["ids"]), arrays["centre"]
                 )
+                if "ivf_centroids" in arrays:
+                    index._ivf = _read_clusters(
+                        arrays["ivf_centroids"], arrays["ivf_assigned"], index, where
+                    )
+                return index
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise ModelLoadError(f"index {where} is not readable: {exc}") from exc
+
+
+def _nearest_centroid(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """int64 [N]: the centroid with the largest inner product with each vector."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(centroids.shape[1])
+    flat.add(np.ascontiguousarray(centroids, np.float32))
+    _, found = flat.search(np.ascontiguousarray(vectors, np.float32), 1)
+    return np.asarray(found[:, 0], np.int64)
+
+
+def _read_clusters(
+    centroids: np.ndarray, assigned: np.ndarray, index: CatalogueIndex, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored clusters, checked against the index they belong to."""
+    centroids = np.asarray(centroids, np.float32)
+    assigned = np.asarray(assigned, np.int64)
+    if (
+        centroids.ndim != 2
+        or centroids.shape[1] != index.dim
+        or assigned.shape != (index.size,)
+        or (len(assigned) and (assigned.min() < 0 or assigned.max() >= len(centroids)))
+    ):
+        raise ValueError(f"index {where}: its inverted-file clusters do not fit its views")
+    return centroids, assigned

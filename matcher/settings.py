@@ -48,6 +48,12 @@ class BackendSettings(BaseSettings):
         "AVX512_BF16 or AMX; refused elsewhere); `auto` takes bf16 where the CPU has it. "
         "Features are float32 either way.",
     )
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        description="openvino engine: inference threads (one per core when unset); "
+        "`train --ray` sets it to each model actor's CPUs.",
+    )
     model_name: str = Field(
         "efficientnet_lite0",
         description="tfserving backend: the model name in TF Serving.",

@@ -57,3 +57,25 @@ def test_the_service_reports_the_layer(tmp_path: Path, mid_level) -> None:
     backend.load()
     assert backend.info.layer == "block6a_project_bn"
     assert backend.info.feature_dim == 192
+
+
+def test_several_layers_are_pooled_and_concatenated_in_order() -> None:
+    """`--layer a,b`: multi-layer features, each layer's average pool side by side."""
+    import keras
+    import numpy as np
+
+    layers = "block5c_add,block6d_add"
+    both = build_backbone("efficientnet_lite0", "random", layer=layers, seed=3)
+    assert (both.layer, both.feature_dim) == (layers, 112 + 192)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+    features = both.model(pixels).numpy()
+    for name, columns in (("block5c_add", slice(0, 112)), ("block6d_add", slice(112, 304))):
+        maps = both.model.get_layer(name).output
+        alone = keras.Model(both.model.input, maps)(pixels).numpy().mean(axis=(1, 2))
+        np.testing.assert_allclose(features[:, columns], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["block5c_add,block5c_add", " , ", "block5c_add,nope"])
+def test_a_bad_layer_list_is_refused_by_name(layer: str) -> None:
+    with pytest.raises(ExportError, match=r"distinct layers|no layer 'nope'"):
+        build_backbone("efficientnet_lite0", "random", layer=layer)

@@ -119,3 +119,61 @@ def test_faiss_leaves_labels_outside_the_neighbours_without_a_reference(
     assert ((found.row >= 0).sum(axis=1) <= 3).all()
     assert (found.similarity[found.row < 0] == index_module.UNSEEN).all()
     np.testing.assert_allclose(found.similarity.max(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_inverted_file_is_saved_with_the_index_and_keeps_its_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    x, names, ids = catalogue(views=2000, labels=8, dim=32)
+    monkeypatch.setattr(index_module, "FAISS_MIN_VIEWS", 1000)
+    index = CatalogueIndex.build(x, names, ids)
+    queries = x[:50] + 0.01
+    exact = index.search(queries)  # through faiss: the index holds 2,000 views
+    index.save(tmp_path / "index.npz")
+    with np.load(tmp_path / "index.npz") as arrays:
+        centroids, assigned = arrays["ivf_centroids"], arrays["ivf_assigned"]
+    assert centroids.shape == (index_module.ivf_lists(2000), 32) and assigned.shape == (2000,)
+    loaded = CatalogueIndex.from_bytes((tmp_path / "index.npz").read_bytes(), "test")
+    again = loaded.search(queries)
+    np.testing.assert_array_equal(again.row, exact.row)
+    # Each query's own view is its nearest: the inverted file finds it.
+    nearest = again.similarity.max(axis=1)
+    np.testing.assert_allclose(nearest, 1.0, atol=1e-3)
+
+
+def test_added_views_join_the_stored_clusters_and_are_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, names, ids = catalogue(views=1500, labels=6, dim=32)
+    monkeypatch.setattr(index_module, "FAISS_MIN_VIEWS", 1000)
+    index = CatalogueIndex.build(x, names, ids)
+    centroids, _ = index.clusters()
+    extra, extra_names, _ = catalogue(views=12, labels=6, dim=32, seed=7)
+    grown = index.with_views(extra, extra_names, [f"new/{i}" for i in range(12)])
+    grown_centroids, grown_assigned = grown.clusters()
+    assert grown_centroids is centroids and grown_assigned.shape == (grown.size,)
+    found = grown.search(extra)
+    rows = found.row[np.arange(12), [grown.labels.index(n) for n in extra_names]]
+    assert [grown.ids[r] for r in rows] == [f"new/{i}" for i in range(12)]
+    smaller = grown.without_label(grown.labels[0])
+    assert smaller.clusters()[1].shape == (smaller.size,)
+
+
+def test_clusters_that_do_not_fit_the_views_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    x, names, ids = catalogue(views=1200, labels=4, dim=16)
+    monkeypatch.setattr(index_module, "FAISS_MIN_VIEWS", 1000)
+    index = CatalogueIndex.build(x, names, ids)
+    centroids, assigned = index.clusters()
+    np.savez(
+        tmp_path / "bad.npz",
+        vectors=index.vectors,
+        centre=index.centre,
+        labels=np.asarray(index.row_labels),
+        ids=np.asarray(index.ids),
+        ivf_centroids=centroids,
+        ivf_assigned=assigned + len(centroids),  # points past the last cluster
+    )
+    with pytest.raises(ModelLoadError, match="inverted-file clusters do not fit"):
+        CatalogueIndex.from_bytes((tmp_path / "bad.npz").read_bytes(), "bad.npz")

@@ -154,3 +154,81 @@ def test_the_cli_refuses_to_add_to_an_svm_run_in_one_line(trained, demo) -> None
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("train:")]
     assert len(lines) == 1 and "--matcher knn or prototype" in lines[0]
+
+
+# ---- the linear matcher (large catalogues) and `--matcher auto` -----------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_run(demo, embedded_backend, tmp_path_factory, feature_cache):
+    config = TrainConfig(
+        data=demo.out / "train",
+        out=tmp_path_factory.mktemp("run-linear") / "run",
+        cache_dir=feature_cache,
+        progress=False,
+        matcher="linear",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return train(config, embedded_backend)
+
+
+def test_a_linear_run_writes_a_verified_skops_pipeline(linear_run) -> None:
+    report = linear_run.report
+    assert report["matcher"] == "linear" and report["matcher_choice"]["requested"] == "linear"
+    assert linear_run.classifier_path.name == "classifier.skops"
+    manifest = verify(linear_run.classifier_path.parent, "classifier")
+    assert manifest.files["classifier.skops"].sha256 == report["classifier"]["sha256"]
+    assert report["search"]["best_params"]["C"] in (0.01, 0.1, 1.0)
+    assert set(report["search"]["validation"]) == {"0.01", "0.1", "1.0"}
+    assert report["holdout"]["accuracy"] >= 0.9
+
+
+async def test_a_linear_run_folder_serves_ranked_labels_with_references(
+    linear_run, settings, embedded_backend, demo
+) -> None:
+    loaded = Classifier.load(linear_run.classifier_path.parent)
+    assert loaded.info.type_name == "Pipeline(StandardScaler, LogisticRegression)"
+    assert loaded.catalogue is not None  # the index beside it still gives the references
+    core = make_core(
+        settings.model_copy(update={"classifier": linear_run.classifier_path.parent}),
+        embedded_backend,
+    )
+    core.load()
+    queries = query_images(demo)
+    answers = [await core.match(path.read_bytes(), 0) for _, path in queries]
+    await core.batcher.close()
+    right = sum(
+        answer.matches[0].label == label
+        for (label, _), answer in zip(queries, answers, strict=True)
+    )
+    assert right >= 0.9 * len(queries)
+    assert all(answer.matches[0].reference_id for answer in answers)
+
+
+def test_auto_picks_knn_for_small_catalogues_and_linear_for_large_ones() -> None:
+    from train.pipeline import LINEAR_MIN_PHOTOS, choose_matcher
+
+    assert choose_matcher("auto", LINEAR_MIN_PHOTOS - 1) == "knn"
+    assert choose_matcher("auto", LINEAR_MIN_PHOTOS) == "linear"
+    assert choose_matcher("svm", 10 * LINEAR_MIN_PHOTOS) == "svm"
+
+
+def test_the_default_matcher_is_auto_and_recorded(index_run) -> None:
+    assert TrainConfig(data=Path("d"), out=Path("o")).matcher == "auto"
+    _, result = index_run
+    assert result.report["matcher_choice"]["rule"].startswith("auto: knn below")
+
+
+def test_the_linear_matcher_chooses_c_on_a_validation_split() -> None:
+    from matcher import linear
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    labels = rng.integers(0, 5, 900)
+    x = centres[labels] + rng.normal(size=(900, 16))
+    names = [f"item{label}" for label in labels]
+    fit = linear.fit_linear(x, names, c_values=(0.1, 1.0))
+    assert fit.samples == 900 and fit.validation_samples == 135
+    assert np.mean(fit.predict(x) == np.asarray(names)) >= 0.8
+    assert max(fit.validation.values()) >= 0.8

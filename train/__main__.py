@@ -32,7 +32,7 @@ def _choices(field: str) -> tuple[str, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a matcher (knn, prototype or the SVM) on backbone features of "
+        description="Train a matcher (knn, prototype, linear or the SVM) on backbone features of "
         "DATA/<label>/<image> files.",
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="folder of label folders")
@@ -104,11 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--matcher",
         # train.pipeline.MATCHERS, spelt out to keep --help quick.
-        choices=("knn", "prototype", "svm"),
-        default="knn",
-        help="knn (default): the label of the nearest view; prototype: the nearest label mean "
-        "(both rank by the index alone, and take `add` and `remove`); svm: the original's "
-        "grid-searched SVM. Serve the run folder (--classifier FOLDER)",
+        choices=("auto", "knn", "prototype", "svm", "linear"),
+        default="auto",
+        help="auto (default): knn below 10,000 photos, linear from there; knn: the label of the "
+        "nearest view; prototype: the nearest label mean (both rank by the index alone, and "
+        "take `add` and `remove`); svm: the original's grid-searched SVM; linear: a logistic "
+        "regression on every photo (large catalogues). Serve the run folder (--classifier "
+        "FOLDER)",
     )
     parser.add_argument(
         "--outside",
@@ -121,6 +123,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="index the photos only as they are, not also turned by 90, 180 and 270 degrees "
         "(which lets rotated field photos match, at three more backbone passes per photo)",
+    )
+    parser.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="extract the catalogue's features on a Ray cluster, in model actors (one per node): "
+        "auto joins the cluster RAY_ADDRESS names or one running here, else starts a local one; "
+        "or a cluster address (host:6379, ray://host:10001). Every node must see DATA and "
+        "--cache-dir at the same paths",
+    )
+    parser.add_argument(
+        "--ray-actors", type=int, help="with --ray: at most this many model actors (one per node)"
+    )
+    parser.add_argument(
+        "--ray-actor-cpus",
+        type=float,
+        help="with --ray: CPUs each model actor reserves (the smallest node's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="split and CV seed (0)")
     parser.add_argument("--jobs", type=int, default=-1, help="grid-search processes (-1: all)")
@@ -151,6 +169,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.folds < 2 or not 0 < args.holdout < 1:
         parser.error("need --batch-size >= 1, --folds >= 2 and 0 < --holdout < 1")
+    if args.ray and args.features != "cnn":
+        parser.error("--ray extracts backbone features; the HoG baseline runs in this process")
+    if (args.ray_actors is not None and args.ray_actors < 1) or (
+        args.ray_actor_cpus is not None and args.ray_actor_cpus <= 0
+    ):
+        parser.error("need --ray-actors >= 1 and --ray-actor-cpus > 0")
     return args
 
 
@@ -255,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         outside=args.outside,
         matcher=args.matcher,
         turned_views=not args.no_turned_views,
+        ray=_ray_options(args),
+        backend_settings=settings,
     )
     try:
         backend = make_backend(settings) if args.features == "cnn" else _hog_backend()
@@ -268,6 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {result.classifier_path} and {result.report_path}")
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """RayOptions from --ray (None without it); Ray itself is imported only when used."""
+    if not args.ray:
+        return None
+    from matcher.ray_extraction import RayOptions
+
+    return RayOptions(args.ray, args.ray_actors, args.ray_actor_cpus)
 
 
 def _hog_backend() -> FeatureExtractor:

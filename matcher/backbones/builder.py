@@ -60,7 +60,8 @@ def build_backbone(
     `weights`: "imagenet" (the default: genuine ImageNet weights), a path to a local weights
     file (Inception v3), or "random" (for tests only: features carry no meaning).
     `layer`: the layer whose output is average-pooled into the features; the last by default
-    (e.g. Inception's `mixed7` gives mid-level 768-d features).
+    (e.g. Inception's `mixed7` gives mid-level 768-d features); several, comma-separated,
+    concatenate their pooled outputs.
     `precision`: "fp32" (the default), or "bf16" to compute in bfloat16 on CPUs that have it,
     with float32 weights, input and features (see matcher.backbones.precision). The global
     Keras dtype policy is left as it was.
@@ -82,18 +83,33 @@ def build_backbone(
 
 
 def _pooled_at(backbone: Backbone, layer: str) -> Backbone:
-    """The same backbone with features average-pooled from `layer` instead of the last one."""
-    try:
-        output = backbone.model.get_layer(layer).output
-    except ValueError:
-        raise ExportError(
-            f"{backbone.name} has no layer {layer!r}; e.g. {', '.join(_layer_examples(backbone))}"
-        ) from None
-    if len(output.shape) != 4:
-        raise ExportError(f"layer {layer!r} does not output feature maps [N, H, W, C]")
-    pooled = keras.layers.GlobalAveragePooling2D(name=f"{layer}_avg_pool")(output)
-    model = keras.Model(backbone.model.input, pooled, name=f"{backbone.name}_{layer}")
-    return replace(backbone, model=model, feature_dim=int(output.shape[-1]), layer=layer)
+    """The same backbone with features average-pooled from `layer` instead of the last one.
+
+    `layer` may name several layers, comma-separated: each is average-pooled and the pooled
+    vectors are concatenated in that order (multi-layer features: on Fashion-MNIST, whose
+    small grey photos are far from ImageNet, mid-level layers together beat the last one;
+    docs/benchmarks.md, "Large catalogues")."""
+    names = [name.strip() for name in layer.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ExportError(f"--layer {layer!r}: name one or more distinct layers, comma-separated")
+    pooled = []
+    for name in names:
+        try:
+            output = backbone.model.get_layer(name).output
+        except ValueError:
+            raise ExportError(
+                f"{backbone.name} has no layer {name!r}; e.g. "
+                f"{', '.join(_layer_examples(backbone))}"
+            ) from None
+        if len(output.shape) != 4:
+            raise ExportError(f"layer {name!r} does not output feature maps [N, H, W, C]")
+        pooled.append(keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(output))
+    features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="layers")(pooled)
+    label = "_".join(names)
+    model = keras.Model(backbone.model.input, features, name=f"{backbone.name}_{label}")
+    return replace(
+        backbone, model=model, feature_dim=int(features.shape[-1]), layer=",".join(names)
+    )
 
 
 def _layer_examples(backbone: Backbone) -> list[str]:

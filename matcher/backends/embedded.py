@@ -58,6 +58,7 @@ class EmbeddedBackend:
         version: int | None = None,
         engine: str = "auto",
         precision: str = "fp32",
+        threads: int | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
@@ -66,6 +67,8 @@ class EmbeddedBackend:
         self._engine = engine
         #: The openvino engine's (fp32, bf16 or auto); a SavedModel's is fixed at export.
         self._precision = precision
+        #: The openvino engine's inference threads (None: one per core it may use).
+        self._threads = threads
         # One reference, replaced whole: a call reads it once and uses one model throughout.
         self._served: PreparedModel | None = None
 
@@ -130,7 +133,7 @@ class EmbeddedBackend:
         if engine == openvino_engine.ENGINE:
             # Its precision is chosen here; a SavedModel's (`precision`) is TensorFlow's, and a
             # bf16 export has no OpenVINO model (`export.openvino_model`).
-            return openvino_engine.OpenVinoRunner(path, input_size, self._precision)
+            return openvino_engine.OpenVinoRunner(path, input_size, self._precision, self._threads)
         import tensorflow as tf
 
         try:

@@ -80,7 +80,9 @@ class OpenVinoRunner:
 
     engine = ENGINE
 
-    def __init__(self, version_dir: Path, input_size: int, precision: str) -> None:
+    def __init__(
+        self, version_dir: Path, input_size: int, precision: str, threads: int | None = None
+    ) -> None:
         path = version_dir / OPENVINO_MODEL_FILE
         if not path.is_file():
             raise ModelLoadError(
@@ -90,16 +92,16 @@ class OpenVinoRunner:
             )
         self.precision = resolve_precision(precision)
         self.input_size = input_size
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": _HINT[self.precision],
+            # One request at a time, each using every core: a batch is one request.
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads:
+            # Fewer than the machine's cores: a Ray actor given some of a node's CPUs.
+            config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self._compiled = _core().compile_model(
-                str(path),
-                "CPU",
-                {
-                    "INFERENCE_PRECISION_HINT": _HINT[self.precision],
-                    # One request at a time, each using every core: a batch is one request.
-                    "PERFORMANCE_HINT": "LATENCY",
-                },
-            )
+            self._compiled = _core().compile_model(str(path), "CPU", config)
         except RuntimeError as exc:
             raise ModelLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
         self._request = self._compiled.create_infer_request()
