@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -231,17 +230,48 @@ def _run(
 
     actors, per_actor = cluster_plan(options)
     context = ray.data.DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
     context.execution_options.preserve_order = True  # rows come back in input order
     context.enable_progress_bars = False  # ours counts images, as the local pipeline's does
+    try:
+        return _stream(
+            paths, actor_settings_for(settings, per_actor), cache_key, feature_dim, cache,
+            actors, per_actor, batch_size, limits, progress, out, readers,
+        )  # fmt: skip
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def actor_settings_for(settings: BackendSettings, cpus: float) -> BackendSettings:
+    """The actors' settings: each engine runs as many threads as its actor has CPUs, not one
+    per core of the node."""
+    return settings.model_copy(update={"engine_threads": max(1, int(cpus))})
+
+
+def _stream(
+    paths: Sequence[Path],
+    settings: BackendSettings,
+    cache_key: str,
+    feature_dim: int,
+    cache: FeatureCache | None,
+    actors: int,
+    per_actor: float,
+    batch_size: int,
+    limits: ImageLimits,
+    progress: bool,
+    out: Path | None,
+    readers: int,
+) -> Extraction:
+    import ray
+    import ray.data
+
     rows = [{"index": i, "path": str(Path(p).resolve())} for i, p in enumerate(paths)]
     # A block goes to one actor whole: at least a few per actor, so that every node gets work.
     blocks = max(1, min(len(rows), max(4 * actors, -(-len(rows) // BLOCK_ROWS))))
-    # Each actor's engine runs as many threads as it has CPUs, not one per core of the node.
-    actor_settings = settings.model_copy(update={"engine_threads": max(1, int(per_actor))})
     dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         FeatureActor,
         fn_constructor_args=(
-            actor_settings,
+            settings,
             str(cache.root) if cache else None,
             cache_key,
             limits,
@@ -280,12 +310,9 @@ def _run(
                 for node in batch["node"]:
                     nodes[str(node)] = nodes.get(str(node), 0) + 1
                 bar.update(len(ok))
-    except ray.exceptions.RayTaskError as exc:
+    except ray.exceptions.RayError as exc:
         sink.abort()
-        cause = exc.cause if isinstance(exc.cause, Exception) else None
-        if isinstance(cause, MatcherError):
-            raise type(cause)(str(cause)) from exc
-        raise RayUnavailableError(f"a Ray feature actor failed: {cause or exc}") from exc
+        raise actor_failure(exc) from exc
     except BaseException:
         sink.abort()
         raise
@@ -297,12 +324,13 @@ def _run(
     return Extraction(features, kept, rejected, computed, out, nodes)
 
 
-def cluster_summary() -> dict[str, Any]:
-    """Nodes and CPUs of the connected cluster, for the training report."""
-    import ray
-
-    nodes = [node for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
-    return {
-        "nodes": len(nodes),
-        "cpus": sum(node["Resources"].get("CPU", 0.0) for node in nodes),
-    }
+def actor_failure(exc: Exception) -> MatcherError:
+    """What a failed actor raised, as the local pipeline would have raised it: the actor's own
+    MatcherError where Ray kept it, else the last error line of Ray's report."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, MatcherError):
+        return type(cause)(str(cause))
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error: " in line]
+    last = (errors or lines or [type(exc).__name__])[-1]
+    return RayUnavailableError(f"a Ray feature actor failed: {last}")

@@ -110,7 +110,10 @@ def test_an_actor_on_another_model_is_refused_by_name(
     in_process_cluster, photos, settings, embedded_backend
 ) -> None:
     info = embedded_backend.info
-    with pytest.raises(Exception, match="every node must see the same SavedModel"):
+    from matcher.errors import MatcherError
+
+    # The actor's own error, as the local pipeline would raise it (not Ray's wrapper).
+    with pytest.raises(MatcherError, match="every node must see the same SavedModel"):
         extract_features_ray(
             photos[:3], settings, "some-other-model", info.feature_dim, None, RayOptions(),
             progress=False,
