@@ -22,9 +22,10 @@ classifier is trained.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,41 +204,30 @@ def extract_features_ray(
         raise ValueError("batch_size must be at least 1")
     started_here = connect(options)
     try:
-        return _run(
-            paths, settings, cache_key, feature_dim, cache, options, batch_size,
-            limits or ImageLimits(), progress, out, readers,
-        )  # fmt: skip
+        actors, per_actor = cluster_plan(options)
+        with _ordered_batches():
+            return _stream(
+                paths, actor_settings_for(settings, per_actor), cache_key, feature_dim, cache,
+                actors, per_actor, batch_size, limits or ImageLimits(), progress, out, readers,
+            )  # fmt: skip
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(
-    paths: Sequence[Path],
-    settings: BackendSettings,
-    cache_key: str,
-    feature_dim: int,
-    cache: FeatureCache | None,
-    options: RayOptions,
-    batch_size: int,
-    limits: ImageLimits,
-    progress: bool,
-    out: Path | None,
-    readers: int,
-) -> Extraction:
-    import ray
+@contextlib.contextmanager
+def _ordered_batches() -> Iterator[None]:
+    """Ray Data set to return batches in input order (what the sink's layout rests on) and
+    without its own progress bars (ours counts images, as the local pipeline's does); the
+    process's settings are restored afterwards."""
     import ray.data
 
-    actors, per_actor = cluster_plan(options)
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars)
-    context.execution_options.preserve_order = True  # rows come back in input order
-    context.enable_progress_bars = False  # ours counts images, as the local pipeline's does
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
     try:
-        return _stream(
-            paths, actor_settings_for(settings, per_actor), cache_key, feature_dim, cache,
-            actors, per_actor, batch_size, limits, progress, out, readers,
-        )  # fmt: skip
+        yield
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
 

@@ -79,3 +79,19 @@ def test_several_layers_are_pooled_and_concatenated_in_order() -> None:
 def test_a_bad_layer_list_is_refused_by_name(layer: str) -> None:
     with pytest.raises(ExportError, match=r"distinct layers|no layer 'nope'"):
         build_backbone("efficientnet_lite0", "random", layer=layer)
+
+
+def test_a_layer_pooled_over_a_grid_keeps_where_its_patterns_sit() -> None:
+    """`NAME:2`: the mean of each cell of a 2 x 2 split, cell by cell, channels last."""
+    import keras
+    import numpy as np
+
+    backbone = build_backbone("efficientnet_lite0", "random", layer="block6d_add:2", seed=3)
+    assert (backbone.layer, backbone.feature_dim) == ("block6d_add:2", 4 * 192)
+    pixels = np.random.default_rng(1).uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
+    maps = keras.Model(backbone.model.input, backbone.model.get_layer("block6d_add").output)
+    grid = maps(pixels).numpy()[0]  # 7 x 7 x 192: cells of 3 x 3, the last row and column left
+    cells = [grid[r : r + 3, c : c + 3].mean(axis=(0, 1)) for r in (0, 3) for c in (0, 3)]
+    np.testing.assert_allclose(
+        backbone.model(pixels).numpy()[0], np.concatenate(cells), rtol=1e-4, atol=1e-5
+    )

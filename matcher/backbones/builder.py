@@ -88,12 +88,18 @@ def _pooled_at(backbone: Backbone, layer: str) -> Backbone:
     `layer` may name several layers, comma-separated: each is average-pooled and the pooled
     vectors are concatenated in that order (multi-layer features: on Fashion-MNIST, whose
     small grey photos are far from ImageNet, mid-level layers together beat the last one;
-    docs/benchmarks.md, "Large catalogues")."""
-    names = [name.strip() for name in layer.split(",") if name.strip()]
-    if not names or len(set(names)) != len(names):
+    docs/benchmarks.md, "Large catalogues"). `NAME:G` pools that layer over a G x G grid of
+    cells instead of the whole map (G x G x channels features): where photos are aligned, as
+    product shots on a plain background are, where a pattern sits is worth keeping."""
+    parts = [part.strip() for part in layer.split(",") if part.strip()]
+    names = [part.partition(":")[0] for part in parts]
+    if not parts or len(set(names)) != len(names):
         raise ExportError(f"--layer {layer!r}: name one or more distinct layers, comma-separated")
     pooled = []
-    for name in names:
+    for part, name in zip(parts, names, strict=True):
+        grid_text = part.partition(":")[2] or "1"
+        if not grid_text.isdigit() or int(grid_text) < 1:
+            raise ExportError(f"--layer {part!r}: the grid after ':' is a whole number >= 1")
         try:
             output = backbone.model.get_layer(name).output
         except ValueError:
@@ -103,13 +109,27 @@ def _pooled_at(backbone: Backbone, layer: str) -> Backbone:
             ) from None
         if len(output.shape) != 4:
             raise ExportError(f"layer {name!r} does not output feature maps [N, H, W, C]")
-        pooled.append(keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(output))
+        pooled.append(_pool(output, name, int(grid_text)))
     features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name="layers")(pooled)
-    label = "_".join(names)
+    label = "_".join(part.replace(":", "x") for part in parts)
     model = keras.Model(backbone.model.input, features, name=f"{backbone.name}_{label}")
     return replace(
-        backbone, model=model, feature_dim=int(features.shape[-1]), layer=",".join(names)
+        backbone, model=model, feature_dim=int(features.shape[-1]), layer=",".join(parts)
     )
+
+
+def _pool(maps: keras.KerasTensor, name: str, grid: int) -> keras.KerasTensor:
+    """[N, H, W, C] maps -> [N, grid x grid x C]: the mean of each cell of a grid x grid split
+    (the whole map for 1). Cells are H // grid rows high (the last rows of an odd map are left
+    out, as a strided pool leaves them)."""
+    if grid == 1:
+        return keras.layers.GlobalAveragePooling2D(name=f"{name}_avg_pool")(maps)
+    height, width = int(maps.shape[1]), int(maps.shape[2])
+    if height < grid or width < grid:
+        raise ExportError(f"layer {name!r} is {height}x{width}: too small for a {grid}x{grid} grid")
+    cell = (height // grid, width // grid)
+    cells = keras.layers.AveragePooling2D(cell, strides=cell, name=f"{name}_grid{grid}")(maps)
+    return keras.layers.Flatten(name=f"{name}_grid{grid}_flat")(cells)
 
 
 def _layer_examples(backbone: Backbone) -> list[str]:
