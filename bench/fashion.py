@@ -428,6 +428,9 @@ def run_config(
             "full_photos": full["images"],
             "full_peak_rss_mb": full["peak_rss_mb"],
             "ratio": round(full["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            # What extraction itself added to the process (model loaded, list read).
+            "probe_extraction_anon_mb": small["extraction_anon_mb"],
+            "full_extraction_anon_mb": full["extraction_anon_mb"],
             "probe": small,
         }
     base = {
@@ -491,7 +494,9 @@ def print_table(results: dict[str, Any]) -> None:
                 f"  extraction peak RSS {memory['probe_photos']} -> {memory['full_photos']} "
                 "photos: "
                 f"{memory['probe_peak_rss_mb']:.0f} -> {memory['full_peak_rss_mb']:.0f} MB "
-                f"(x{memory['ratio']:.3f})"
+                f"(x{memory['ratio']:.3f}); added by extraction "
+                f"{memory['probe_extraction_anon_mb']:.0f} -> "
+                f"{memory['full_extraction_anon_mb']:.0f} MB"
             )
     print("published scikit-learn benchmark, raw pixels (best rows):")
     for name, accuracy in PUBLISHED.items():

@@ -139,7 +139,6 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         log.warning("skipped %s: %s", path, why)
     labels = [dataset.labels[i] for i in extraction.kept]
     _check_enough(labels)
-    matcher = choose_matcher(config.matcher, len(labels))
     kept_paths = [dataset.paths[i] for i in extraction.kept]
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)),
@@ -147,6 +146,7 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         stratify=labels,
         random_state=config.seed,
     )
+    matcher = choose_matcher(config.matcher, len(train_idx))
     x_train, x_test = extraction.features[train_idx], extraction.features[test_idx]
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
@@ -209,7 +209,7 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
     sha256 = file_sha256(staged if staged else config.out / INDEX_FILE)
     baselines = None
-    if config.baselines and search is not None:
+    if config.baselines and isinstance(search, SvmSearch):
         # Imported only when asked for: HoG pulls in scikit-image.
         from train.baselines import BaselineOptions, compare_methods
 
