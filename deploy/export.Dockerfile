@@ -24,9 +24,12 @@ COPY pyproject.toml pyproject.toml
 ARG MODEL_VERSION=1
 RUN python -m export --backbone efficientnet_lite0 --weights imagenet \
       --base-path /out/models --version "${MODEL_VERSION}"
+# train publishes its run as a symbolic link to OUT.runs/<time>/ (train/runs.py): the image
+# carries the run itself, copied through the link.
 RUN python -m train.demo --out /tmp/demo --quiet \
- && python -m train /tmp/demo/train --out /out/models/classifier \
-      --model-dir /out/models/efficientnet_lite0 --no-cache --no-progress
+ && python -m train /tmp/demo/train --out /tmp/runs/classifier \
+      --model-dir /out/models/efficientnet_lite0 --no-cache --no-progress \
+ && cp -RL /tmp/runs/classifier /out/models/classifier
 # The export writes each version through a 0700 temporary folder; the pods read these files
 # as uid 10001, not root.
 RUN chmod -R a+rX /out/models

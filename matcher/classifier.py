@@ -67,6 +67,9 @@ class ClassifierInfo:
     params: dict[str, str]
     holdout_accuracy: float | None
     backbone: str | None
+    #: The backbone's input side the classifier was trained with (report.json), for the
+    #: TF Serving backend, whose signature (encoded strings in) does not tell it.
+    input_size: int | None = None
 
 
 def read_report(classifier_path: Path) -> dict[str, Any] | None:
@@ -119,7 +122,11 @@ class Classifier:
         With `expected_sha256` the file must have that digest; without it, the manifest in
         the file's folder must verify and list the file. Anything else is refused unopened.
         `path` may also be a run folder: its report names the matcher, and for `svm` the file.
+        A symbolic link (what `train` publishes a run as) is resolved once, first, so that
+        every file read comes from the run it named at that moment, even if it is switched
+        to another run meanwhile.
         """
+        path = path.resolve()
         if path.is_dir():
             return cls._load_run(path, expected_sha256)
         if not path.is_file():
@@ -175,6 +182,7 @@ class Classifier:
             params={"temperature": str(TEMPERATURE)},
             holdout_accuracy=report.get("holdout", {}).get("accuracy"),
             backbone=report.get("backbone", {}).get("name"),
+            input_size=report.get("backbone", {}).get("input_size"),
         )
         return cls(None, info, catalogue, matcher)
 
@@ -357,6 +365,7 @@ def _describe(estimator: Any, sha256: str, report: dict[str, Any] | None) -> Cla
         params=_svm_params(params_of),
         holdout_accuracy=report.get("holdout", {}).get("accuracy"),
         backbone=report.get("backbone", {}).get("name"),
+        input_size=report.get("backbone", {}).get("input_size"),
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from matcher import metrics
+from matcher.admission import PixelBudget
 from matcher.backends.base import FeatureBackend, PreparedModel
 from matcher.batcher import BatchingOptions, DynamicBatcher
 from matcher.classifier import Classifier
@@ -50,6 +51,10 @@ from matcher.views import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Input side assumed when neither the backend nor the classifier's report names one
+#: (Inception v3's, the largest of the backbones export offers).
+FALLBACK_INPUT_SIDE = 299
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class MatcherCore:
         batching: BatchingOptions | None = None,
         no_match_threshold: float | None = None,
         default_views: str = DEFAULT_VIEWS,
+        pixel_budget: PixelBudget | None = None,
     ) -> None:
         self._backend = backend
         #: The server's threshold, over the calibrated one (None: use the calibrated one).
@@ -94,6 +100,8 @@ class MatcherCore:
         self.default_views = check_mode(default_views)
         self._load_classifier = load_classifier
         self._limits = limits
+        #: Bounds the pixels being decoded at once (`matcher.admission`); None: unbounded.
+        self.pixel_budget = pixel_budget
         # Held for each batch and for each swap, so a swap waits for the batch in flight.
         self._swap_lock = threading.Lock()
         # The served pair as one reference, replaced whole, so that readers outside a batch
@@ -160,8 +168,8 @@ class MatcherCore:
                 f"no_match_threshold {no_match_threshold} is not a similarity in [-1, 1]"
             )
         mode = check_mode(views or self.default_views)
-        backbone, _ = self._served_pair()  # not loaded yet: say so before any work
-        answers = await self._answers(image, mode, backbone.input_size)
+        self._served_pair()  # not loaded yet: say so before any work
+        answers = await self._answers(image, mode, self._input_side())
         merged = _merge(answers, PLANS[mode])
         ranked = _ranked(merged, top_k)
         verdict = self._verdict(merged, mode, no_match_threshold)
@@ -204,8 +212,7 @@ class MatcherCore:
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image (the whole photo)."""
-        backbone, _ = self._served_pair()
-        (answer,) = await self._answers(image, "whole", backbone.input_size)
+        (answer,) = await self._answers(image, "whole", self._input_side())
         return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
@@ -235,6 +242,16 @@ class MatcherCore:
             default_views=self.default_views,
         )
 
+    def _input_side(self) -> int:
+        """The network's input side: the views are cut and the decode budget counted for it.
+
+        The TF Serving backend cannot read it from the model (its signature takes encoded
+        strings): the classifier's report says what it was trained with; failing both, the
+        largest side of the backbones export offers (a view keeps more pixels, never fewer).
+        """
+        backbone, classifier = self._served_pair()
+        return backbone.input_size or classifier.info.input_size or FALLBACK_INPUT_SIDE
+
     def _served_pair(self) -> tuple[BackboneInfo, Classifier]:
         pair = self._pair
         if pair is None or not self._backend.ready:
@@ -250,6 +267,15 @@ class MatcherCore:
         """The answers for each view of one image, computed in one batch (with concurrent
         requests' views)."""
         header = inspect_image(image, self._limits)
+        if self.pixel_budget is None:
+            return await self._answers_of(image, header, mode, input_side)
+        # Held through every decode the request causes, until its answer.
+        async with self.pixel_budget.hold(header.decode_pixels(input_side)):
+            return await self._answers_of(image, header, mode, input_side)
+
+    async def _answers_of(
+        self, image: bytes, header: ImageHeader, mode: str, input_side: int
+    ) -> list[_Answer]:
         if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
             image = await asyncio.to_thread(for_graph, image, header)
         views = [image]

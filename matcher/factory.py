@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+from matcher.admission import PixelBudget
 from matcher.backends.base import FeatureBackend
 from matcher.batcher import BatchingOptions
 from matcher.classifier import Classifier
@@ -62,4 +63,5 @@ def make_core(settings: CoreSettings, backend: FeatureBackend | None = None) -> 
         ),
         settings.no_match_threshold,
         settings.views,
+        PixelBudget(settings.decode_pixel_budget, settings.max_queued_requests),
     )

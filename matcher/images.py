@@ -15,6 +15,7 @@ byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import struct
@@ -26,7 +27,7 @@ from PIL import Image, ImageOps
 
 from matcher.errors import InvalidImageError
 from matcher.gif_frames import GifStructureError, largest_frame
-from matcher.pixels import decoding_errors
+from matcher.pixels import decoding_errors, jpeg_scale
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
@@ -64,11 +65,25 @@ class ImageHeader:
     mode: str = ""
     #: EXIF orientation (1: upright, or no tag).
     orientation: int = 1
+    #: GIF: the pixels of all its frames together (the decoder reads every frame).
+    frames_area: int = 0
 
     @property
     def needs_rewrite(self) -> bool:
         """Whether `for_graph` rewrites this photo (its format, or its orientation)."""
         return self.format in TRANSCODED_FORMATS or self.orientation in _TURNED
+
+    def decode_pixels(self, input_size: int) -> int:
+        """The RGB pixels decoding this image for a network of `input_size` holds at once:
+        what the decode budget (`matcher.admission`) admits requests by.
+
+        A large JPEG decodes at a reduced DCT scale (`matcher.pixels.jpeg_scale`, as both
+        decoders do); a GIF's decoder also holds every frame at one byte a pixel (a third of
+        an RGB pixel); every other format decodes whole."""
+        if self.format in ("JPEG", "MPO"):
+            scale = jpeg_scale(self.width, self.height, input_size)
+            return -(-self.width // scale) * -(-self.height // scale)
+        return self.width * self.height + -(-self.frames_area // 3)
 
 
 def load_image_readers() -> None:
@@ -105,10 +120,14 @@ def decode_upright(data: bytes, longest: int | None = None) -> Image.Image:
     at the reduced DCT scale that still keeps that many pixels a side (blocking).
 
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
-    with decoding_errors(), Image.open(io.BytesIO(data)) as image:
+    with decoding_errors():
+        image = Image.open(io.BytesIO(data))
         if longest is not None:
             image.draft("RGB", (longest, longest))
-        return ImageOps.exif_transpose(image).convert("RGB")
+        image.load()
+        # In place and only when needed: each copy of a 50-megapixel photo is 200 MB.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
@@ -128,7 +147,8 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
             "palette and 1-bit BMP images are not supported; send a 24-bit BMP, PNG or JPEG"
         )
     if header.format == "PNG":
-        _check_png_chunks(data)
+        exif = _check_png_chunks(data)
+        header = dataclasses.replace(header, orientation=_exif_orientation(exif))
     if header.format == "BMP" and _bmp_header_size(data) == _OS2_BMP_HEADER:
         raise InvalidImageError(
             "OS/2 1.x BMP headers are not supported; send a Windows BMP, PNG or JPEG"
@@ -139,9 +159,14 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageHeader:
     return header
 
 
-def _check_png_chunks(data: bytes) -> None:
+def _check_png_chunks(data: bytes) -> bytes | None:
     """Refuse a PNG whose critical chunks fail their CRC or that has no IEND, as libpng (the
-    graph's decoder) does; Pillow would decode both, and the two engines must agree."""
+    graph's decoder) does; Pillow would decode both, and the two engines must agree.
+
+    Returns the payload of its eXIf chunk, if it has one: read here because Pillow's PNG
+    `getexif` decodes the whole image to look for one after the pixels (a 50-megapixel
+    decode, on the event loop, for every PNG without EXIF)."""
+    exif = None
     position = len(_PNG_SIGNATURE)
     while position + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[position : position + 8])
@@ -154,8 +179,10 @@ def _check_png_chunks(data: bytes) -> None:
         if critical and zlib.crc32(data[position + 4 : end - 4]) != stored:
             name = kind.decode("latin-1")
             raise InvalidImageError(f"PNG is damaged: its {name} chunk fails its CRC check")
+        if kind == b"eXIf" and exif is None:
+            exif = data[position + 8 : end - 4]
         if kind == b"IEND":
-            return
+            return exif
         position = end
     raise InvalidImageError("PNG is incomplete: it ends before its IEND chunk (cut short?)")
 
@@ -167,10 +194,10 @@ def _bmp_header_size(data: bytes) -> int:
 
 def _with_largest_frame(header: ImageHeader, data: bytes) -> ImageHeader:
     try:
-        width, height = largest_frame(data)
+        width, height, frames_area = largest_frame(data)
     except GifStructureError as exc:
         raise InvalidImageError(f"GIF structure is broken: {exc}") from exc
-    return ImageHeader(header.format, width, height, header.mode)
+    return ImageHeader(header.format, width, height, header.mode, frames_area=frames_area)
 
 
 def _read_header(data: bytes) -> ImageHeader:
@@ -182,7 +209,9 @@ def _read_header(data: bytes) -> ImageHeader:
             _register_heif()
             with Image.open(io.BytesIO(data)) as image:
                 fmt = image.format or "unknown"
-                return ImageHeader(fmt, image.width, image.height, image.mode, _orientation(image))
+                # A PNG's EXIF is read from its chunks (`_check_png_chunks`), not by Pillow.
+                orientation = 1 if fmt == "PNG" else _orientation(image)
+                return ImageHeader(fmt, image.width, image.height, image.mode, orientation)
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image dimensions are far above the size limit: {exc}") from exc
     except Exception as exc:
@@ -203,6 +232,19 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
+def _exif_orientation(exif: bytes | None) -> int:
+    """The orientation tag of a raw EXIF block, or 1 without one (or when it cannot be read)."""
+    if not exif:
+        return 1
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        value = parsed.get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still a photo
+        return 1
+    return value if isinstance(value, int) else 1
+
+
 def _check_size(header: ImageHeader, limits: ImageLimits) -> None:
     size = f"{header.width}x{header.height}"
     if max(header.width, header.height) > limits.max_side:
@@ -213,6 +255,11 @@ def _check_size(header: ImageHeader, limits: ImageLimits) -> None:
         raise InvalidImageError(
             f"image is {size} pixels ({header.width * header.height / 1e6:.0f} megapixels); "
             f"the limit is {limits.max_pixels / 1e6:.0f} megapixels"
+        )
+    if header.frames_area > limits.max_pixels:
+        raise InvalidImageError(
+            f"GIF frames hold {header.frames_area / 1e6:.0f} megapixels together (its decoder "
+            f"reads every frame); the limit is {limits.max_pixels / 1e6:.0f} megapixels"
         )
     if min(header.width, header.height) < limits.min_side:
         raise InvalidImageError(

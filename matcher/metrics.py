@@ -56,6 +56,15 @@ ENGINE = Gauge(
     "precision it computes in (fp32, bf16; empty where the backend does not tell).",
     ["engine", "precision"],
 )
+DECODE_PIXELS_IN_FLIGHT = Gauge(
+    "matcher_decode_pixels_in_flight",
+    "Pixels of the images being decoded or matched now, held in the decode budget "
+    "(--decode-pixel-budget).",
+)
+DECODE_BUDGET_REFUSED = Counter(
+    "matcher_decode_budget_refused",
+    "Requests refused with RESOURCE_EXHAUSTED because too many were waiting for the decode budget.",
+)
 RELOAD_FAILURES = Counter(
     "matcher_reload_failures", "Hot reloads refused, by model (classifier, backbone).", ["model"]
 )

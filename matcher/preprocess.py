@@ -14,6 +14,10 @@ from matcher.pixels import JPEG_MARGIN, JPEG_SCALES
 
 Normalizer = Callable[[tf.Tensor], tf.Tensor]
 
+#: Images of one batch decoded at once in the graph (TF Serving's batching.config counts on
+#: it: its decode memory is num_batch_threads x this x the largest image's pixels).
+DECODE_PARALLEL = 4
+
 
 def decode_rgb(encoded: tf.Tensor, size: int) -> tf.Tensor:
     """Decode one JPEG, PNG, GIF (first frame) or BMP into uint8 RGB [H, W, 3].
@@ -62,8 +66,12 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     triangle (bilinear) stretched by the scale factor when shrinking, computed in float32:
     Pillow's `Image.resize(BILINEAR)` on float ("F") images is the same filter
     (`matcher.pixels`).
+
+    The uint8 pixels go to the resize as they are: its kernel (ScaleAndTranslate) reads them
+    as floats while it filters, so there is no float32 copy of the whole photo (4 bytes a
+    pixel a channel: 600 MB for a 50-megapixel PNG) and the result is the same.
     """
-    image = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=True)
+    image = tf.image.resize(image, [size, size], antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -73,6 +81,8 @@ def decode_batch(encoded: tf.Tensor, size: int) -> tf.Tensor:
         lambda one: resize(decode_rgb(one, size), size),
         encoded,
         fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
-        # Images decode independently; let the runtime overlap them.
-        parallel_iterations=16,
+        # Images decode independently; the runtime overlaps this many. Each may hold a
+        # whole decoded photo (3.5 bytes a pixel: 175 MB at 50 megapixels), so this bounds a
+        # model call's decode memory; TF Serving's batching file counts on it.
+        parallel_iterations=DECODE_PARALLEL,
     )

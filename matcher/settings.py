@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from matcher.views import DEFAULT_VIEWS, ViewMode
@@ -129,6 +129,14 @@ class CoreSettings(BackendSettings):
         gt=0,
         description="Largest width x height accepted (header check): bounds decode memory.",
     )
+    decode_pixel_budget: int = Field(
+        100_000_000,
+        gt=0,
+        description="Pixels (width x height, by the header; a large JPEG at its reduced DCT "
+        "scale) of the images being decoded and matched at once; more wait in arrival order, "
+        "and beyond --max-queued-requests waiting, RESOURCE_EXHAUSTED. Bounds decode memory at "
+        "about 5 bytes a pixel (docs/benchmarks.md); at least --max-image-pixels.",
+    )
     min_image_side: int = Field(
         16, gt=0, description="Smallest image width or height accepted, pixels."
     )
@@ -147,6 +155,17 @@ class CoreSettings(BackendSettings):
         "calls' worth of work) or `crops_rotations` (and the photo turned by quarter turns: "
         "13). Each has its own no-match threshold, calibrated at training.",
     )
+
+    @model_validator(mode="after")
+    def _budget_holds_the_largest_image(self) -> CoreSettings:
+        if self.decode_pixel_budget < self.max_image_pixels:
+            raise ValueError(
+                f"decode_pixel_budget ({self.decode_pixel_budget}) must be at least "
+                f"max_image_pixels ({self.max_image_pixels}), or the largest image allowed "
+                "could never be decoded"
+            )
+        return self
+
     reload_interval_s: float = Field(
         5.0,
         ge=0,
