@@ -63,23 +63,27 @@ async def in_the_model(model: FakeModel) -> None:
 
 
 async def until_queued(batcher: DynamicBatcher, count: int) -> None:
-    """Until `count` requests wait in the batcher's queue (each task gets its turn)."""
+    """Until exactly `count` requests wait in the batcher's queue. Looked at once per turn of
+    the event loop, not after a time: the queue changes only in tasks on this loop, so no turn
+    is missed and none is waited for in vain; the 30 s only fail a test that would hang."""
     async with asyncio.timeout(30):
-        while batcher.queued < count:
-            await asyncio.sleep(0)
+        while batcher.queued != count:
+            await asyncio.sleep(0)  # one turn of the loop
 
 
 async def test_a_timeout_lets_a_batch_fill() -> None:
-    """Arrivals 20 ms apart join the first one's batch: the window (30 s here, so that a busy
-    machine cannot close it early) ends as soon as the batch is full."""
+    """Each request arrives only once the worker has taken the ones before it into the batch
+    it is filling, so they share one call only because the window (30 s here, so that a busy
+    machine cannot close it early) held that batch open; it ends as soon as the batch is full."""
     model = FakeModel(pause_s=0)
     batcher = DynamicBatcher(model, BatchingOptions(timeout_s=30, max_batch_size=4))
-
-    async def later(i: int) -> np.ndarray:
-        await asyncio.sleep(0.02 * i)
-        return await batcher.features(str(i).encode())
-
-    await asyncio.gather(*(later(i) for i in range(4)))
+    requests = []
+    for i in range(4):
+        requests.append(asyncio.create_task(batcher.features(str(i).encode())))
+        await asyncio.sleep(0)  # one turn of the loop: the new task joins the queue
+        if i < 3:
+            await until_queued(batcher, 0)  # the worker took it into the open batch
+    await asyncio.gather(*requests)
     await batcher.close()
     assert model.calls == [4]
 

@@ -5,16 +5,18 @@ number of images. A fake backend stands in for the model except in the end-to-en
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
-import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from matcher import extraction
 from matcher.domain import BackboneInfo
 from matcher.errors import BackendUnavailableError, InvalidImageError
 from matcher.extraction import FeatureCache, extract_features, kept_mask_path
@@ -147,44 +149,112 @@ def test_the_progress_bar_counts_images(tmp_path: Path, capsys: pytest.CaptureFi
     assert bar.startswith("features: 100%") and "40/40" in bar and "img/s" in bar
 
 
+class ReadAhead:
+    """How far the pipeline has got, under one Condition: paths taken from the input (each is
+    handed to a reader), cache lookups (one per file read), and whether the prefetch thread has
+    found its queue full (from then on it takes no more paths until the model takes a batch)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.taken = 0
+        self.read = 0
+        self.producer_blocked = False
+
+    def take(self) -> None:
+        with self.changed:
+            self.taken += 1
+            self.changed.notify_all()
+
+    def look_up(self) -> None:
+        with self.changed:
+            self.read += 1
+            self.changed.notify_all()
+
+    def found_queue_full(self) -> None:
+        with self.changed:
+            self.producer_blocked = True
+            self.changed.notify_all()
+
+    def read_when_stalled(self, total: int) -> int:
+        """Files read once reading ahead has stopped: the producer is blocked on its full
+        queue (or every path was taken), and every file taken has been read. The 60 s only
+        fail a test that would otherwise hang (a pipeline that never reads ahead)."""
+        with self.changed:
+            stalled = self.changed.wait_for(
+                lambda: self.producer_blocked or self.taken == total, timeout=60
+            )
+            assert stalled, f"reading stopped at {self.taken} of {total} files, queue not full"
+            assert self.changed.wait_for(lambda: self.read == self.taken, timeout=60)
+            return self.read
+
+
+class CountedPaths(list[Path]):
+    """The input paths, counting each one the pipeline takes to read."""
+
+    def __init__(self, paths: Sequence[Path], progress: ReadAhead) -> None:
+        super().__init__(paths)
+        self._progress = progress
+
+    def __iter__(self) -> Iterator[Path]:
+        for path in super().__iter__():
+            self._progress.take()
+            yield path
+
+
 class CountingCache(FeatureCache):
     """A cache that counts lookups: one per file read, so it tells how far reading has got."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, progress: ReadAhead) -> None:
         super().__init__(root, "fake")
-        self.lookups = 0
-        self._lock = threading.Lock()
+        self._progress = progress
 
     def get(self, digest: str) -> np.ndarray | None:
-        with self._lock:
-            self.lookups += 1
+        self._progress.look_up()
         return super().get(digest)
 
 
-class WaitingBackend(FakeBackend):
-    """Holds its first call until the files of the next batch have been read, or 10 s pass."""
+def signalling_queue(progress: ReadAhead) -> Callable[..., queue.Queue[object]]:
+    """A factory for the prefetch thread's queue that tells `progress` when its producer finds
+    it full (the producer then waits, and takes no more batches from the readers)."""
 
-    def __init__(self, cache: CountingCache, wait_for: int) -> None:
+    class SignallingQueue(queue.Queue[object]):
+        def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+            if self.full():
+                progress.found_queue_full()
+            super().put(item, block, timeout)
+
+    return SignallingQueue
+
+
+class WaitingBackend(FakeBackend):
+    """Holds its first call until reading ahead has stopped, then notes how far it got."""
+
+    def __init__(self, progress: ReadAhead, total: int) -> None:
         super().__init__()
-        self.cache = cache
-        self.wait_for = wait_for
+        self.progress = progress
+        self.total = total
         self.read_during_first_call = 0
 
     def features(self, images: Sequence[bytes]) -> np.ndarray:
         if not self.calls:
-            deadline = time.monotonic() + 10
-            while self.cache.lookups < self.wait_for and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(0.2)  # let reading run as far ahead as it is allowed to
-            self.read_during_first_call = self.cache.lookups
+            self.read_during_first_call = self.progress.read_when_stalled(self.total)
         return super().features(images)
 
 
-def test_files_are_read_while_the_model_runs_but_only_so_far_ahead(tmp_path: Path) -> None:
-    paths = tiny_images(tmp_path / "images", 200)
-    cache = CountingCache(tmp_path / "cache")
+def test_files_are_read_while_the_model_runs_but_only_so_far_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    progress = ReadAhead()
+    paths = CountedPaths(tiny_images(tmp_path / "images", 200), progress)
+    cache = CountingCache(tmp_path / "cache", progress)
+    # Only the prefetch thread's queue: it tells when reading ahead has to stop.
+    monkeypatch.setattr(
+        extraction,
+        "queue",
+        SimpleNamespace(Queue=signalling_queue(progress), Full=queue.Full, Empty=queue.Empty),
+    )
     batch, prefetch = 4, 2
-    backend = WaitingBackend(cache, wait_for=2 * batch)
+    backend = WaitingBackend(progress, total=len(paths))
     extract_features(paths, backend, cache, batch_size=batch, progress=False, prefetch=prefetch)
     # A serial loop would have read exactly one batch when the model is first called.
     assert backend.read_during_first_call >= 2 * batch

@@ -12,7 +12,7 @@ import re
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import aiohttp
 import grpc
 import numpy as np
 import pytest
+from aiohttp import web
 from google.protobuf import json_format
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
@@ -30,6 +31,7 @@ from matcher.dataset import images_in
 from matcher.factory import make_core
 from matcher.v1 import matcher_pb2
 from service.config import Settings
+from service.http_api import HttpApi
 from service.server import RunningServer, start_server
 from tests.certs import make_certs
 from tests.conftest import query_images
@@ -37,6 +39,7 @@ from tests.test_observability import scrape, value
 
 MATCH = "/matcher.v1.Matcher/Match"
 TOKEN = "http-t0ken_5d1e"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def url(running: RunningServer, path: str, scheme: str = "http") -> str:
@@ -231,27 +234,57 @@ async def test_readiness_follows_the_models_and_calls_before_them_get_503(http, 
             assert response.status == 200
 
 
-async def test_too_many_requests_at_once_get_429(http, settings, demo):
+class SlotSpy:
+    """Tells when a request takes a --max-concurrent-rpcs slot and when it gives it back: a
+    spy around the API's limit (`_limited`, which counts `in_flight`), so that a test waits
+    for the request itself instead of polling the count."""
+
+    def __init__(self, api: HttpApi, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.taken = asyncio.Event()
+        self.given_back = asyncio.Event()
+        limited = api._limited
+
+        async def spied(request: web.Request, handler: Handler, route: str) -> web.StreamResponse:
+            admitted = False
+
+            async def inside(request: web.Request) -> web.StreamResponse:
+                nonlocal admitted
+                admitted = True  # past the limit: `in_flight` counts this request
+                self.taken.set()
+                return await handler(request)
+
+            try:
+                return await limited(request, inside, route)
+            finally:
+                if admitted:  # `in_flight` no longer counts it
+                    self.given_back.set()
+
+        monkeypatch.setattr(api, "_limited", spied)
+
+
+async def test_too_many_requests_at_once_get_429(http, settings, demo, monkeypatch):
     """One request holds the only slot (its body not yet sent); the next is refused."""
     async with serving(settings.model_copy(update={"max_concurrent_rpcs": 1})) as running:
         api = running.http_endpoint.api
+        slot = SlotSpy(api, monkeypatch)
         _, writer = await asyncio.open_connection("127.0.0.1", running.http_port)
         writer.write(
             b"POST /v1/match HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: 1000\r\n\r\n" + b"\xff" * 10
         )
         await writer.drain()
-        async with asyncio.timeout(30):
-            while api.in_flight == 0:  # the handler is waiting for the rest of the body
-                await asyncio.sleep(0.01)
+        # The handler is waiting for the rest of the body (60 s only fail a hung test).
+        async with asyncio.timeout(60):
+            await slot.taken.wait()
+        assert api.in_flight == 1
         status, body = await post_match(http, running, query_images(demo)[0][1])
         assert status == 429 and body["error"]["status"] == "RESOURCE_EXHAUSTED"
         assert "--max-concurrent-rpcs" in body["error"]["message"]
         writer.close()
         await writer.wait_closed()
-        async with asyncio.timeout(30):
-            while api.in_flight:
-                await asyncio.sleep(0.01)
+        async with asyncio.timeout(60):  # the server hears of the closed connection
+            await slot.given_back.wait()
+        assert api.in_flight == 0
         status, _ = await post_match(http, running, query_images(demo)[0][1])
         assert status == 200
 

@@ -69,6 +69,21 @@ async def wait_for_port(process: subprocess.Popen[str]) -> tuple[int, list[str]]
             return int(found.group(1)), lines
 
 
+async def until_serving(channel: grpc.aio.Channel, within_s: float = 120) -> None:
+    """Until the server reports SERVING, told by health `Watch` as its status changes (the
+    models load after the port opens); `within_s` only fails a server that never gets there."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=within_s
+    )
+    try:
+        async for answer in watch:
+            if answer.status == Health.SERVING:
+                return
+    finally:
+        watch.cancel()
+    raise AssertionError("the health watch ended before the server was SERVING")
+
+
 async def test_the_server_process_serves_then_stops_gracefully_on_sigterm(settings) -> None:
     process = service_process(
         "--port",
@@ -83,12 +98,7 @@ async def test_the_server_process_serves_then_stops_gracefully_on_sigterm(settin
     try:
         port, _ = await wait_for_port(process)
         async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-            for _ in range(600):
-                if (await health.Check(request, timeout=5)).status == Health.SERVING:
-                    break
-                await asyncio.sleep(0.1)
+            await until_serving(channel)
             stub = matcher_pb2_grpc.MatcherStub(channel)
             answer = await stub.Match(matcher_pb2.ImageRequest(image=samples.jpeg()), timeout=60)
             assert answer.matches

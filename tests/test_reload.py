@@ -7,9 +7,10 @@ import asyncio
 import logging
 import os
 import shutil
-import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import joblib
@@ -18,6 +19,9 @@ import pytest
 from integrity.manifest import write_manifest
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from tests.conftest import query_images
+
+if TYPE_CHECKING:
+    from matcher.reload import ModelWatcher, ReloadOutcome
 
 RELOADS = 10
 
@@ -76,23 +80,62 @@ async def identity(stub: matcher_pb2_grpc.MatcherStub) -> tuple[int, str]:
     return info.model.model_version, info.model.classifier_sha256
 
 
-async def wait_for_change(stub, before: tuple[int, str], limit_s: float = 120) -> tuple[int, str]:
-    start = time.monotonic()
-    while time.monotonic() - start < limit_s:
-        now = await identity(stub)
-        if now != before:
-            return now
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no reload within {limit_s} s (still {before})")
+class Swaps:
+    """Each swap the timer-driven watcher makes, as it makes it: a spy on `check_once` (which
+    `ModelWatcher.run` calls for each tick), so that a test waits for the swap itself rather
+    than polling what the server answers."""
+
+    def __init__(self, watcher: ModelWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._outcomes: asyncio.Queue[ReloadOutcome] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        check_once = watcher.check_once
+
+        def spied() -> ReloadOutcome:  # on the poll's worker thread
+            outcome = check_once()
+            if outcome.swapped or outcome.refused:
+                loop.call_soon_threadsafe(self._outcomes.put_nowait, outcome)
+            return outcome
+
+        monkeypatch.setattr(watcher, "check_once", spied)
+
+    async def next(self) -> ReloadOutcome:
+        """The next poll that swapped or refused something; 120 s only fail a hung test."""
+        async with asyncio.timeout(120):
+            return await self._outcomes.get()
 
 
-async def test_ten_reloads_under_load_fail_no_request(settings, model_copies, demo, trained):
+class Answers:
+    """How many answers named each pair, with a Condition to wait for a count."""
+
+    def __init__(self) -> None:
+        self.by_pair: Counter[tuple[int, str]] = Counter()
+        self._changed = asyncio.Condition()
+
+    async def add(self, pair: tuple[int, str]) -> None:
+        async with self._changed:
+            self.by_pair[pair] += 1
+            self._changed.notify_all()
+
+    async def wait_for(self, pair: tuple[int, str], count: int) -> None:
+        """Until `count` answers named `pair`; 120 s only fail a hung test."""
+        async with asyncio.timeout(120), self._changed:
+            await self._changed.wait_for(lambda: self.by_pair[pair] >= count)
+
+
+#: Answers the clients must have had from each pair before the next change is made.
+ANSWERS_PER_PAIR = 5
+
+
+async def test_ten_reloads_under_load_fail_no_request(
+    settings, model_copies, demo, trained, monkeypatch: pytest.MonkeyPatch
+):
     models, classifier = model_copies
     running = await start(reload_settings(settings, models, classifier, interval_s=0.1))
+    swaps = Swaps(running.watcher, monkeypatch)
     lifecycle = asyncio.create_task(running.watcher.run(running.reload_interval_s))
     images = [path.read_bytes() for _, path in query_images(demo)[:8]]
     outcomes: Counter[str] = Counter()
-    seen_models: set[tuple[int, str]] = set()
+    answers = Answers()
     stop = asyncio.Event()
 
     async def client(stub: matcher_pb2_grpc.MatcherStub, worker: int) -> None:
@@ -103,7 +146,7 @@ async def test_ten_reloads_under_load_fail_no_request(settings, model_copies, de
                     matcher_pb2.ImageRequest(image=images[i % len(images)], top_k=3), timeout=30
                 )
                 outcomes["OK"] += 1
-                seen_models.add((response.model.model_version, response.model.classifier_sha256))
+                await answers.add((response.model.model_version, response.model.classifier_sha256))
             except grpc.aio.AioRpcError as exc:
                 outcomes[exc.code().name] += 1
             i += 1
@@ -113,13 +156,19 @@ async def test_ten_reloads_under_load_fail_no_request(settings, model_copies, de
             stub = matcher_pb2_grpc.MatcherStub(channel)
             workers = [asyncio.create_task(client(stub, w)) for w in range(4)]
             served = [await identity(stub)]
+            await answers.wait_for(served[-1], ANSWERS_PER_PAIR)
             for n in range(RELOADS):
                 if n % 2 == 0:
                     new_backbone_version(models, version=2 + n // 2)
+                    changed = "backbone"
                 else:
                     new_classifier_file(classifier, generation=n, source=trained.classifier_path)
-                served.append(await wait_for_change(stub, served[-1]))
-            await asyncio.sleep(0.3)  # some requests on the last pair too
+                    changed = "classifier"
+                outcome = await swaps.next()
+                assert (outcome.swapped, outcome.refused) == ([changed], {}), outcome
+                served.append(await identity(stub))
+                # Every pair serves requests under load, the last one too.
+                await answers.wait_for(served[-1], ANSWERS_PER_PAIR)
             stop.set()
             await asyncio.gather(*workers)
     finally:
@@ -132,8 +181,7 @@ async def test_ten_reloads_under_load_fail_no_request(settings, model_copies, de
     assert len(set(served)) == RELOADS + 1
     assert served[-1][0] == 1 + RELOADS // 2  # the newest backbone version
     # Every answer named a pair that was really served.
-    assert seen_models <= set(served)
-    assert len(seen_models) > RELOADS // 2
+    assert set(answers.by_pair) == set(served)
 
 
 def reload_failures() -> float:
@@ -224,6 +272,12 @@ async def test_a_load_failing_unexpectedly_is_refused_once_and_counted(
         await running.stop(0)
 
 
+def backend_channel_ready(running) -> Callable[[float], None]:
+    """Blocks until the `tfserving` backend's channel is connected (or its timeout passes);
+    gRPC signals each connectivity change, so this waits for the connection, not a time."""
+    return grpc.channel_ready_future(running.core.backend._channel).result
+
+
 async def test_the_tfserving_backend_follows_a_new_version(
     settings, tmp_path: Path, exported_model, demo
 ):
@@ -249,19 +303,19 @@ async def test_the_tfserving_backend_follows_a_new_version(
             stub = matcher_pb2_grpc.MatcherStub(channel)
             # TF Serving restarted with version 2 only (its `latest` policy).
             new_backbone_version(base / "efficientnet_lite0", version=2)
-            with TFServingDouble(base, version_policy="latest", port=port):
+            with TFServingDouble(base, version_policy="latest", port=port) as second:
+                # The matcher's channel to TF Serving reconnects on its own; wait until it
+                # has (the 60 s only fail a hung test), so that what follows reaches TF Serving.
+                await asyncio.to_thread(backend_channel_ready(running), 60)
                 # The matcher asks for the version it describes, which is gone: UNAVAILABLE
                 # (never an answer named after one version and computed by another).
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.Match(request, timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-                # Polls as the timer would, until the reconnected channel shows version 2 on
-                # two polls in a row (a guard against hanging, not a speed check).
-                swapped: list[str] = []
-                end = time.monotonic() + 60
-                while not swapped and time.monotonic() < end:
-                    swapped = (await asyncio.to_thread(running.watcher.check_once)).swapped
-                    await asyncio.sleep(0.2)
+                assert second.predict_calls >= 1, "the refusal did not come from TF Serving"
+                # Two polls, as the timer would make them: version 2 seen, then settled.
+                assert (await asyncio.to_thread(running.watcher.check_once)).swapped == []
+                swapped = (await asyncio.to_thread(running.watcher.check_once)).swapped
                 assert swapped == ["backbone"]
                 response = await stub.Match(request, timeout=30)
                 assert response.model.model_version == 2

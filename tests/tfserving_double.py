@@ -28,7 +28,8 @@ What it copies from TF Serving (C++ sources in tensorflow/serving, cited where u
 What it adds, for tests (all thread-safe and usable while serving): `delay_s` (every RPC) and
 `predict_delay_s` (Predict only: a backend slow to compute but quick to answer status checks),
 both applied to calls already waiting when changed; `fail_with`, `fail_next`; a count of Predict
-calls with the batch size of each; and `stop()`/`restart()` on the same port.
+calls with the batch size of each, and a wait for that count to reach a number; and
+`stop()`/`restart()` on the same port.
 
 Run it by hand: `python -m tests.tfserving_double --model-base-path DIR --port 8500`.
 """
@@ -169,7 +170,8 @@ class TFServingDouble:
         # One lock for start/stop/load, another for the fault controls and counters, so that a
         # test can change faults while a slow start or stop is under way.
         self._lifecycle = threading.RLock()
-        self._controls = threading.Lock()
+        # A Condition: a test can wait for Predict calls to arrive (`wait_for_predict_calls`).
+        self._controls = threading.Condition(threading.Lock())
         self._server: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
@@ -313,6 +315,13 @@ class TFServingDouble:
         with self._controls:
             return list(self._batch_sizes)
 
+    def wait_for_predict_calls(self, count: int, timeout_s: float = 60.0) -> None:
+        """Block until `count` Predict calls have been received since the last reset, as each
+        one is counted; `timeout_s` only fails (AssertionError) a test that would hang."""
+        with self._controls:
+            arrived = self._controls.wait_for(lambda: len(self._batch_sizes) >= count, timeout_s)
+            assert arrived, f"{len(self._batch_sizes)} of {count} Predict calls in {timeout_s} s"
+
     def fail_next(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         """Answer the next `count` RPCs (of any kind) with `code`, then serve normally."""
         with self._controls:
@@ -363,6 +372,7 @@ class TFServingDouble:
         """Record a Predict call and its batch size."""
         with self._controls:
             self._batch_sizes.append(_batch_size(request))
+            self._controls.notify_all()
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         """PredictionService.Predict, as predict_util.cc's RunPredict answers it."""
