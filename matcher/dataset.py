@@ -2,10 +2,13 @@
 
 Folders whose name starts with `_` are not labels: `DATA/_outside/` holds photos of things that
 are not in the catalogue, which training uses to set the "no match" threshold.
+
+A label is its folder's name in any script ("café", "拉链"), in Unicode's composed form (NFC).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,15 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         return {name: self.labels.count(name) for name in self.label_names}
 
+    def name(self, index: int) -> str:
+        """Photo `index` as the user filed it: its path under `root` ("café/x.jpg")."""
+        return self.paths[index].relative_to(self.root).as_posix()
+
+    def reference_id(self, index: int) -> str:
+        """Photo `index`'s reference id, `<label>/<file name>`: it starts with the label even
+        where the folder's name is decomposed (see `label_of`)."""
+        return f"{self.labels[index]}/{self.paths[index].name}"
+
 
 def discover(root: Path) -> Dataset:
     """Find `root/<label>/*.{jpg,jpeg,png,gif,bmp}`; hidden files and folders are skipped, and
@@ -43,12 +55,19 @@ def discover(root: Path) -> Dataset:
     paths: list[Path] = []
     labels: list[str] = []
     empty: list[str] = []
-    for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _reserved(p)):
+    folders: dict[str, Path] = {}
+    for label_dir in sorted(
+        (p for p in root.iterdir() if p.is_dir() and not _reserved(p)), key=label_of
+    ):
+        label = label_of(label_dir)
+        if label in folders:
+            raise DatasetError(_same_label(label, folders[label], label_dir))
+        folders[label] = label_dir
         images = images_in(label_dir)
         if not images:
             empty.append(label_dir.name)
         paths.extend(images)
-        labels.extend([label_dir.name] * len(images))
+        labels.extend([label] * len(images))
     if empty:
         # An item whose photos are missing would otherwise vanish from the catalogue unnoticed.
         shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
@@ -63,6 +82,23 @@ def discover(root: Path) -> Dataset:
             "needs at least 2 (DATA/<label>/<image>)"
         )
     return dataset
+
+
+def label_of(folder: Path) -> str:
+    """The label a label folder stands for: its name, composed (Unicode NFC).
+
+    macOS, and archives and copies made there, spell "é" as "e" plus a combining accent; a
+    client comparing answers with its own (composed) names would never find that label.
+    """
+    return unicodedata.normalize("NFC", folder.name)
+
+
+def _same_label(label: str, first: Path, second: Path) -> str:
+    # ascii() tells the two spellings apart: printed as they are, they look the same.
+    return (
+        f"label folders {first.name!a} and {second.name!a} under {first.parent} are one label, "
+        f"{label}, spelt in two Unicode forms: merge them into one folder"
+    )
 
 
 def outside_images(folder: Path) -> list[Path]:

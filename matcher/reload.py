@@ -109,6 +109,14 @@ class ModelWatcher:
             backbone_key = self._core.backend.candidate()
         except BackendUnavailableError:
             backbone_key = None  # health reports it; models are looked at again next poll
+        for name, watched, key in (
+            ("classifier", self._classifier, classifier_key),
+            ("backbone", self._backbone, backbone_key),
+        ):
+            if key is not None and key not in (watched.current, watched.seen, watched.refused):
+                log.info(
+                    "hot reload: the %s changed; swapped in at the next poll if it stays so", name
+                )
         load_classifier = self._classifier.settled_change(classifier_key)
         load_backbone = self._backbone.settled_change(backbone_key)
         # A new backbone with another feature size needs the classifier trained on it, and

@@ -8,6 +8,7 @@ Plaintext by default; `--tls-ca` (and `--tls-cert`/`--tls-key` for mutual TLS) s
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -87,8 +88,19 @@ def format_response(path: Path, response: matcher_pb2.MatchResponse) -> str:
     return "\n".join(lines)
 
 
+def tolerate_narrow_stdout() -> None:
+    """Print what stdout's encoding cannot hold as `\\u` escapes rather than stop.
+
+    Labels are folder names in any script; a Windows code page, a Latin-1 locale or
+    PYTHONIOENCODING=ascii would otherwise end the run at the first "拉链" with a traceback.
+    """
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tolerate_narrow_stdout()
     failures = 0
     try:
         metadata = call_metadata(args)

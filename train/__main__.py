@@ -6,6 +6,7 @@ DATA holds one sub-folder per label: DATA/<label>/<image>.{jpg,jpeg,png,gif,bmp}
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow's C++ start-up chatter is not ours to show; TF_CPP_MIN_LOG_LEVEL=0 shows it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else argv
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # What is printed names labels, in any script: a terminal whose encoding lacks one (a
+        # Windows code page, PYTHONIOENCODING=ascii) shows it as \u escapes, not a traceback
+        # after the run's files are written.
+        sys.stdout.reconfigure(errors="backslashreplace")
     if argv[:1] in (["add"], ["remove"]):
         return edit_main(argv)
     args = parse_args(argv)

@@ -4,9 +4,9 @@ Only for runs whose matcher ranks by the index alone (`--matcher knn` or `protot
 item's photos go through the same backbone and preprocessing, their features join the index
 (centred on the original training's centre, so the views already there keep their
 similarities), their thumbnails join `references/`, and the report and, last, the manifest are
-rewritten. A server watching the folder swaps the new catalogue in by hot reload; until the
-manifest is rewritten it refuses the half-changed folder and keeps serving the old one. The
-no-match threshold stays the one calibrated at training.
+rewritten, in a copy of the run published as a new run (`train.runs.edited_run`): the folder
+served is never changed in place. A server watching it swaps the new catalogue in by hot
+reload. The no-match threshold stays the one calibrated at training.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from matcher.index import CatalogueIndex
 from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE, photo_of
 from train.photo_views import turned_features
 from train.references import write_thumbnail
+from train.runs import edited_run
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,10 @@ def add_item(
         grown = index.with_views(features, labels, views)
     except ValueError as exc:
         raise DatasetError(f"{exc}: rename the photos, or remove {label!r} first") from exc
-    for path, reference in zip(kept, ids, strict=True):
-        write_thumbnail(run, path, reference)
-    _commit(run, report, grown, f"added {len(kept)} photos of {label}")
+    with edited_run(run) as edited:  # a new run, published whole
+        for path, reference in zip(kept, ids, strict=True):
+            write_thumbnail(edited, path, reference)
+        _commit(edited, report, grown, f"added {len(kept)} photos of {label}")
     rejected = {str(path): why for path, why in found.rejected.items()}
     return Edit(label, len(kept), _photos(grown), rejected)
 
@@ -88,8 +90,9 @@ def remove_item(run: Path, label: str) -> Edit:
     if len(smaller.labels) < 2:
         raise DatasetError(f"removing {label!r} would leave fewer than 2 items in {run}")
     removed = _photos(index) - _photos(smaller)
-    shutil.rmtree(run / REFERENCES_DIR / label, ignore_errors=True)
-    _commit(run, report, smaller, f"removed {removed} photos of {label}")
+    with edited_run(run) as edited:  # a new run, published whole
+        shutil.rmtree(edited / REFERENCES_DIR / label, ignore_errors=True)
+        _commit(edited, report, smaller, f"removed {removed} photos of {label}")
     return Edit(label, removed, _photos(smaller), {})
 
 

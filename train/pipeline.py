@@ -21,10 +21,11 @@ from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import train_test_split
 
 from integrity.manifest import write_manifest
+from matcher import duplicates
 from matcher.backends.base import FeatureExtractor
 from matcher.calibration import TARGET_FALSE_REJECT
 from matcher.classifier import INDEX_MATCHERS, file_sha256
-from matcher.dataset import DatasetError, default_outside, discover, outside_images
+from matcher.dataset import Dataset, DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
 from matcher.index import CatalogueIndex, Neighbours
 from matcher.layout import (
@@ -50,6 +51,7 @@ from train.report import (
     search_summary,
     write_report,
 )
+from train.runs import new_run
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,27 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     if config.matcher not in MATCHERS:
         raise ValueError(f"unknown matcher {config.matcher!r}; choose one of {MATCHERS}")
     dataset = discover(config.data)
+    # Before the backbone runs: a photo under two labels is an error found in seconds.
+    copies = duplicates.copies(dataset.paths)
+    duplicates.refuse_mixed_labels(dataset, copies)
     if not backend.ready:
         backend.load()
+    # Written aside and published whole (`train.runs`): a server watching `out`, and `out`
+    # itself, see nothing of this run until it is complete, and nothing of it if it fails.
+    with new_run(config.out) as run:
+        return _train(config, backend, dataset, copies, run)
+
+
+def _train(
+    config: TrainConfig,
+    backend: FeatureExtractor,
+    dataset: Dataset,
+    copies: list[list[int]],
+    run: Path,
+) -> TrainResult:
     info = backend.info
     cache = FeatureCache(config.cache_dir, info.cache_key) if config.cache_dir else None
-    extraction = _extract(dataset.paths, backend, cache, config)
+    extraction = _extract(dataset.paths, backend, cache, config, run)
     for path, why in extraction.rejected.items():
         log.warning("skipped %s: %s", path, why)
     labels = [dataset.labels[i] for i in extraction.kept]
@@ -146,11 +164,14 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         stratify=labels,
         random_state=config.seed,
     )
+    leaked = duplicates.across_split(dataset, copies, extraction.kept, test_idx)
+    for line in duplicates.describe(leaked):
+        log.warning("%s", line)
     matcher = choose_matcher(config.matcher, len(train_idx))
     x_train, x_test = extraction.features[train_idx], extraction.features[test_idx]
     y_train = [labels[i] for i in train_idx]
     y_test = [labels[i] for i in test_idx]
-    ids = [p.relative_to(config.data).as_posix() for p in kept_paths]
+    ids = [dataset.reference_id(i) for i in extraction.kept]
     turned = _turned(kept_paths, ids, labels, backend, cache, config)
     # The training views alone (and their turns): what held-out (and outside) photos are
     # measured against. The SVM learns the photos as they are; the index holds both.
@@ -189,11 +210,11 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
         config,
     )
     no_match = by_views["whole"].calibration
-    # Staged under a temporary name and put in place only next to the manifest (below): a
-    # server watching this folder never sees a new classifier beside an old manifest.
-    staged = _stage(search.best_estimator_, config.out, config.format) if search else None
+    classifier_file = (
+        _save_classifier(search.best_estimator_, run, config.format) if search else None
+    )
     save_features(
-        config.out / FEATURES_FILE,
+        run / FEATURES_FILE,
         extraction.features,
         labels,
         [str(p.relative_to(config.data)) for p in kept_paths],
@@ -204,10 +225,10 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     index = CatalogueIndex.build(
         *_with_turned(extraction.features, labels, ids, turned, everything)
     )
-    index.save(config.out / INDEX_FILE)
-    write_thumbnails(config.out, kept_paths, ids)
+    index.save(run / INDEX_FILE)
+    write_thumbnails(run, kept_paths, ids)
     # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
-    sha256 = file_sha256(staged if staged else config.out / INDEX_FILE)
+    sha256 = file_sha256(classifier_file or run / INDEX_FILE)
     baselines = None
     if config.baselines and isinstance(search, SvmSearch):
         # Imported only when asked for: HoG pulls in scikit-image.
@@ -231,6 +252,9 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
             "extraction": "ray" if config.ray else "local",
             # Ray: photos each node's actor answered, by node id.
             "extraction_nodes": extraction.nodes,
+            # Copies of one photo under one label (`matcher.duplicates`): how many sets, and
+            # those with a copy on each side of the split, which flatter the hold-out numbers.
+            "duplicates": {"copies": len(copies), "across_split": leaked},
         },
         backbone=info,
         backend=backend.kind,
@@ -283,16 +307,14 @@ def train(config: TrainConfig, backend: FeatureExtractor) -> TrainResult:
     )
     if baselines is not None:
         report["baselines"] = baselines
-    report_path = config.out / REPORT_FILE
-    write_report(report, report_path)
-    # For knn and prototype the run folder is what the server loads (--classifier FOLDER).
-    classifier_path = _publish(staged, config.out, config.format) if staged else config.out
-    if staged is None:
-        _remove_classifier_files(config.out)
+    write_report(report, run / REPORT_FILE)
     # Last: it vouches for every file above (the HTML report/ drawn later is not covered).
-    write_manifest(config.out, tool="train", kind="classifier")
+    write_manifest(run, tool="train", kind="classifier")
     _print_summary(report, holdout, search.best_params_ if search else None)
-    return TrainResult(classifier_path, report_path, report)
+    # The names a server is given: through `out`, which names this run once it is published.
+    # For knn and prototype the run folder is what the server loads (--classifier FOLDER).
+    classifier_path = config.out / classifier_file.name if classifier_file else config.out
+    return TrainResult(classifier_path, config.out / REPORT_FILE, report)
 
 
 #: What GetModelInfo and the report call each file matcher's model.
@@ -344,12 +366,6 @@ def index_predictions(
     else:
         best = seen.prototype_similarity(x_test).argmax(axis=1)
     return [seen.labels[i] for i in best]
-
-
-def _remove_classifier_files(out: Path) -> None:
-    """An earlier svm run's file would outlive the index it no longer matches."""
-    for name in CLASSIFIER_FILES.values():
-        (out / name).unlink(missing_ok=True)
 
 
 def _outside_photos(
@@ -458,7 +474,11 @@ def _scorer(matcher: str, seen: CatalogueIndex, estimator: Any | None) -> Scorer
 
 
 def _extract(
-    paths: list[Path], backend: FeatureExtractor, cache: FeatureCache | None, config: TrainConfig
+    paths: list[Path],
+    backend: FeatureExtractor,
+    cache: FeatureCache | None,
+    config: TrainConfig,
+    run: Path,
 ) -> Extraction:
     """Features of `paths`, streamed to a file rather than held in memory while they grow.
 
@@ -466,7 +486,7 @@ def _extract(
     (the split, the search and features.npz read it), the disk space returns when the run
     ends, and an interrupted run leaves nothing behind in the folder.
     """
-    stream = config.out / STREAM_FILE
+    stream = run / STREAM_FILE
     try:
         if config.ray is not None:
             from matcher.ray_extraction import extract_features_ray
@@ -503,29 +523,17 @@ def _check_enough(labels: list[str]) -> None:
         )
 
 
-def _stage(estimator: object, out: Path, file_format: str) -> Path:
-    """Write the classifier under a temporary name in `out`; `_publish` puts it in place."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{CLASSIFIER_FILES[file_format]}.tmp"
+def _save_classifier(estimator: object, run: Path, file_format: str) -> Path:
+    """Write the fitted classifier into the run folder (not served until it is published)."""
+    path = run / CLASSIFIER_FILES[file_format]
     if file_format == "skops":
         import skops.io
 
-        skops.io.dump(estimator, tmp)
+        skops.io.dump(estimator, path)
     else:
         import joblib
 
-        joblib.dump(estimator, tmp)
-    return tmp
-
-
-def _publish(staged: Path, out: Path, file_format: str) -> Path:
-    path = out / CLASSIFIER_FILES[file_format]
-    staged.replace(path)  # a running server never sees a half-written file
-    for other in CLASSIFIER_FILES.values():
-        if other != path.name:
-            # An earlier run's file in the other format would be listed by the new manifest
-            # though the report describes this one: one classifier per folder.
-            (out / other).unlink(missing_ok=True)
+        joblib.dump(estimator, path)
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib import font_manager, ft2font
 
 from matcher.layout import REPORT_FILE
 from train import plots
@@ -267,6 +270,93 @@ def _input_picture(image: Path, size: int) -> Picture | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Names in the pictures.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PictureText:
+    """How the pictures write the run's label names and file paths, in any script.
+
+    matplotlib's own font (DejaVu Sans) has Latin, Greek and Cyrillic but no Chinese or
+    Japanese; other installed fonts are added for the characters it lacks. A label no installed
+    font draws is called by its place in the label order ("#2") rather than drawn as empty
+    boxes, which would look the same for every such label; the page's tables, drawn by the
+    browser, name it in full.
+    """
+
+    #: matplotlib's `font.family` while drawing: DejaVu Sans, then the fonts added.
+    families: list[str]
+    #: Characters no installed font has.
+    missing: frozenset[str]
+    #: Label -> the stand-in the pictures call it by (only labels with missing characters).
+    stand_ins: dict[str, str]
+
+    def label(self, name: str) -> str:
+        return self.stand_ins.get(name, name)
+
+    def text(self, value: str) -> str:
+        """`value` (a file path, a title) with each character no font has as "?"."""
+        return "".join("?" if c in self.missing else c for c in value)
+
+    def note(self) -> str:
+        """The page's note on the labels the pictures call by number ("" when none)."""
+        if not self.stand_ins:
+            return ""
+        named = ", ".join(f"{short} = {name}" for name, short in self.stand_ins.items())
+        return _note(
+            f"The pictures number some labels ({named}): no installed font draws their "
+            "characters. Install one that does (on Debian, fonts-noto-cjk for Chinese, "
+            "Japanese and Korean) and run python -m train.visual_report again."
+        )
+
+
+def picture_text(
+    labels: Sequence[str], texts: Iterable[str] = (), fonts: Sequence[str] | None = None
+) -> PictureText:
+    """The fonts and stand-ins for drawing `labels` (in label order) and `texts`.
+
+    `fonts`: font files to take missing characters from (default: every installed font
+    matplotlib knows, regular faces first).
+    """
+    default = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
+    families = ["DejaVu Sans"]
+    needed = {c for value in (*labels, *texts) for c in value if not c.isspace()}
+    left = needed - _characters(default)
+    for path in _installed_fonts() if fonts is None else fonts:
+        if not left:
+            break
+        if found := left & _characters(path):
+            if path not in {f.fname for f in font_manager.fontManager.ttflist}:
+                font_manager.fontManager.addfont(path)  # a file passed in: make it known
+            family = font_manager.FontProperties(fname=path).get_name()
+            if family not in families:
+                families.append(family)
+            left -= found
+    stand_ins = {
+        name: f"#{place}"
+        for place, name in enumerate(labels, start=1)
+        if any(c in left for c in name)
+    }
+    return PictureText(families, frozenset(left), stand_ins)
+
+
+@functools.cache
+def _characters(font_file: str) -> frozenset[str]:
+    try:
+        return frozenset(chr(code) for code in ft2font.FT2Font(font_file).get_charmap())
+    except (OSError, RuntimeError):  # not a font FreeType reads
+        return frozenset()
+
+
+def _installed_fonts() -> list[str]:
+    # Not matplotlib's "Last Resort" font: it maps every character to a box with its number.
+    faces = [f for f in font_manager.fontManager.ttflist if not f.name.startswith("Last Resort")]
+    regular = sorted({f.fname for f in faces if f.style == "normal" and f.weight == 400})
+    return regular + sorted({f.fname for f in faces} - set(regular))
+
+
+# ---------------------------------------------------------------------------------------------
 # HTML.
 # ---------------------------------------------------------------------------------------------
 
@@ -382,7 +472,23 @@ def _summary_html(report: dict[str, Any], features: RunFeatures | None) -> str:
             + "".join(f"<li>{_e(p)}: {_e(why)}</li>" for p, why in rejected.items())
             + "</ul>"
         )
-    return f'<dl class="summary">{rows}</dl>{extra}'
+    return f'<dl class="summary">{rows}</dl>{extra}{_split_copies_html(data)}'
+
+
+def _split_copies_html(data: dict[str, Any]) -> str:
+    """The photos with a copy on each side of the split (`matcher.duplicates`), if any."""
+    found = (data.get("duplicates") or {}).get("across_split") or []
+    if not found:
+        return ""
+    items = "".join(
+        f"<li>{_e(entry['label'])}: {_e(' = '.join(entry['train'] + entry['holdout']))}</li>"
+        for entry in found
+    )
+    return (
+        '<p class="note">The same photo is on both sides of the hold-out split, so it was '
+        "measured against itself and the hold-out numbers flatter: delete the extra copies "
+        f"and train again.</p><ul>{items}</ul>"
+    )
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -406,10 +512,11 @@ def _confusion_table(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> 
     )
 
 
-def _confusion_html(holdout: dict[str, Any], pictures: list[Picture]) -> str:
+def _confusion_html(holdout: dict[str, Any], pictures: list[Picture], text: PictureText) -> str:
     labels, matrix = holdout["labels"], holdout["confusion_matrix"]
+    shown = [text.label(name) for name in labels]
     picture = _picture(
-        "confusion.png", plots.confusion_figure(labels, matrix), "confusion matrix heatmap"
+        "confusion.png", plots.confusion_figure(shown, matrix), "confusion matrix heatmap"
     )
     pictures.append(picture)
     caption = (
@@ -418,7 +525,7 @@ def _confusion_html(holdout: dict[str, Any], pictures: list[Picture]) -> str:
         "mistake (which label was taken for which). Colour is the share of the true class's "
         "held-out images, so rows with different numbers of images read alike."
     )
-    return _figure(picture, caption) + _confusion_table(labels, matrix)
+    return text.note() + _figure(picture, caption) + _confusion_table(labels, matrix)
 
 
 def _per_class_html(holdout: dict[str, Any]) -> str:
@@ -492,7 +599,7 @@ def _grid_html(search: dict[str, Any], pictures: list[Picture]) -> str:
     return "".join(html_parts)
 
 
-def _tsne_html(features: RunFeatures | None, pictures: list[Picture]) -> str:
+def _tsne_html(features: RunFeatures | None, pictures: list[Picture], text: PictureText) -> str:
     if features is None or len(features.vectors) < 4:
         return _note("No features.npz with enough images in the run folder: no t-SNE map.")
     started = time.perf_counter()
@@ -502,7 +609,9 @@ def _tsne_html(features: RunFeatures | None, pictures: list[Picture]) -> str:
     title = f"t-SNE of all {n} feature vectors ({dim}-d), coloured by label"
     picture = _picture(
         "tsne.png",
-        plots.tsne_figure(embedding, features.labels, features.holdout, title),
+        plots.tsne_figure(
+            embedding, [text.label(str(name)) for name in features.labels], features.holdout, title
+        ),
         "t-SNE scatter of the features",
     )
     pictures.append(picture)
@@ -536,13 +645,14 @@ def _bottleneck_html(
     vector: np.ndarray | None,
     source: str,
     pictures: list[Picture],
+    text: PictureText,
 ) -> str:
     if chosen is None or vector is None:
         return _note("No image with a feature vector to draw.")
     backbone = report["backbone"]
     what = "HoG descriptor" if backbone.get("name") == "hog" else "bottleneck vector"
-    label = f" [{chosen.label}]" if chosen.label else ""
-    title = f"{what} of {chosen.described}{label}: {vector.size} values"
+    label = f" [{text.label(chosen.label)}]" if chosen.label else ""
+    title = f"{what} of {text.text(chosen.described)}{label}: {vector.size} values"
     picture = _picture(
         "bottleneck.png", plots.bottleneck_figure(vector, title), f"{what} bar chart"
     )
@@ -781,33 +891,45 @@ def write_visual_report(
             pictures.append(input_picture)
             shown = _input_html(report, chosen, input_picture)
     notes = "".join(_note(n) for n in views.notes)
-    maps = _feature_maps_html(views, pictures) if views.stages else ""
-    sections = [
-        ("summary", "Run", _summary_html(report, features)),
-        (
-            "confusion",
-            "Confusion matrix (held-out images)",
-            _confusion_html(report["holdout"], pictures),
-        ),
-        ("per-class", "Per-class precision, recall and F1", _per_class_html(report["holdout"])),
-        ("grid", "Grid search", _grid_html(report["search"], pictures)),
-        ("tsne", "Feature space (t-SNE)", _tsne_html(features, pictures)),
-        ("no-match", "No match", _no_match_html(report, pictures)),
-        ("confusable", "Confusable items", _confusable_html(report)),
-        (
-            "bottleneck",
-            "One image's feature vector",
-            shown + _bottleneck_html(report, chosen, vector, source, pictures),
-        ),
-        (
-            "feature-maps",
-            "Feature maps at four stages",
-            notes + (maps or ("" if notes else _note("No feature maps for this run."))),
-        ),
-        ("baselines", "Baselines", _baselines_html(report)),
-    ]
+    text = _run_text(report, features, chosen)
+    with matplotlib.rc_context({"font.family": text.families}):
+        maps = _feature_maps_html(views, pictures) if views.stages else ""
+        sections = [
+            ("summary", "Run", _summary_html(report, features)),
+            (
+                "confusion",
+                "Confusion matrix (held-out images)",
+                _confusion_html(report["holdout"], pictures, text),
+            ),
+            ("per-class", "Per-class precision, recall and F1", _per_class_html(report["holdout"])),
+            ("grid", "Grid search", _grid_html(report["search"], pictures)),
+            ("tsne", "Feature space (t-SNE)", _tsne_html(features, pictures, text)),
+            ("no-match", "No match", _no_match_html(report, pictures)),
+            ("confusable", "Confusable items", _confusable_html(report)),
+            (
+                "bottleneck",
+                "One image's feature vector",
+                shown + _bottleneck_html(report, chosen, vector, source, pictures, text),
+            ),
+            (
+                "feature-maps",
+                "Feature maps at four stages",
+                notes + (maps or ("" if notes else _note("No feature maps for this run."))),
+            ),
+            ("baselines", "Baselines", _baselines_html(report)),
+        ]
     title = f"Training report: {report['backbone'].get('name')} on {report['data'].get('root')}"
     return _write_files(out_dir or run_dir / DEFAULT_OUT, _page(title, sections), pictures)
+
+
+def _run_text(
+    report: dict[str, Any], features: RunFeatures | None, chosen: ChosenImage | None
+) -> PictureText:
+    """How the pictures write this run's labels (in the report's order) and chosen image."""
+    labels = list(report["holdout"]["labels"])
+    if features is not None:
+        labels += sorted(set(features.labels.tolist()) - set(labels))
+    return picture_text(labels, [chosen.described] if chosen else [])
 
 
 def _write_files(out_dir: Path, page: str, pictures: Sequence[Picture]) -> Path:
