@@ -23,7 +23,7 @@ IMAGE ?= $(firstword $(wildcard $(DEMO)/queries/*/*))
 TARGET ?= localhost:$(PORT)
 TOP_K ?= 5
 
-.PHONY: help setup proto export demo train report run serve match browser test check format bench fashion-data soak clean
+.PHONY: help setup proto export demo train report run serve match browser test check format bench fashion-data soak chaos clean
 
 help:
 	@echo "make run      set up, export $(BACKBONE), train the demo if needed, serve on :$(PORT)"
@@ -35,6 +35,7 @@ help:
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
 	@echo "make bench    (about 2 h on 2 cores) Fashion-MNIST (70,000 photos: accuracy per backbone, layer and matcher), index search (exact vs faiss), Ray against local extraction, extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
+	@echo "make chaos    [CHAOS_S=600]: load while TF Serving restarts, training retrains, is killed and reloads; 0 lost"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
 setup: $(INSTALLED)
@@ -156,6 +157,12 @@ soak: export demo
 	mkdir -p build
 	$(PY) -m bench.soak --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --duration-s $(SOAK_S) --json build/bench-soak.json
+
+CHAOS_S ?= 600
+chaos: export demo
+	mkdir -p build
+	$(PY) -m bench.chaos --model-base-path $(MODELS) --model-name $(BACKBONE) \
+		--duration-s $(CHAOS_S) --json build/bench-chaos.json
 
 clean:
 	rm -rf models data cache

@@ -56,10 +56,12 @@ DEFAULT_READERS = 2
 class FeatureCache:
     """One .npy file per (model, image content) under `root/<model key>/ab/<sha256>.npy`."""
 
-    def __init__(self, root: Path, model_key: str) -> None:
+    def __init__(self, root: Path, model_key: str, dim: int | None = None) -> None:
         self.root = root
         self.model_key = model_key
         self.dir = root / model_key
+        #: The feature size every entry must have (None: not checked).
+        self.dim = dim
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
@@ -70,11 +72,20 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            return np.asarray(np.load(path))
-        except (OSError, ValueError) as exc:
+            row = np.asarray(np.load(path))
+        except (OSError, ValueError, EOFError) as exc:
             # Entries are written atomically, so this is damage from outside: recompute.
             log.warning("ignoring unreadable cache entry %s: %s", path, exc)
             return None
+        if self.dim is not None and (
+            row.shape != (self.dim,) or row.dtype != np.float32 or not np.isfinite(row).all()
+        ):
+            log.warning(
+                "ignoring cache entry %s: %s %s, not %d finite float32 features",
+                path, row.dtype, row.shape, self.dim,
+            )  # fmt: skip
+            return None
+        return row
 
     def put(self, digest: str, features: np.ndarray) -> None:
         """Store the features of the image with this sha256."""

@@ -137,9 +137,9 @@ class FeatureActor:
                 f"this node's model is {self.backend.info.cache_key}, the driver's {cache_key}: "
                 "every node must see the same SavedModel at the same path"
             )
-        self.cache = FeatureCache(Path(cache_root), cache_key) if cache_root else None
-        self.limits = limits
         self.dim = self.backend.info.feature_dim
+        self.cache = FeatureCache(Path(cache_root), cache_key, self.dim) if cache_root else None
+        self.limits = limits
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="ray-features-read")
         import ray
 

@@ -143,6 +143,25 @@ def test_a_second_run_computes_nothing_and_gives_the_same_features(tmp_path: Pat
     assert (tmp_path / "cache" / "fake" / digest[:2] / f"{digest}.npy").is_file()
 
 
+def test_corrupt_and_wrong_shaped_cache_entries_are_recomputed_and_replaced(
+    tmp_path: Path,
+) -> None:
+    paths = tiny_images(tmp_path / "images", 6)
+    cache = FeatureCache(tmp_path / "cache", "fake", DIM)
+    first = extract_features(paths, FakeBackend(), cache, batch_size=8, progress=False)
+    entries = [cache._path(hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
+    entries[0].write_bytes(b"\x93NUMPY garbage, cut short")  # torn by something outside
+    np.save(entries[1], np.ones(7, np.float32))  # another model's size under this key
+    np.save(entries[2], np.full(DIM, np.nan, np.float32))  # not features at all
+    np.save(entries[3], np.ones((2, DIM), np.float64))
+    backend = FakeBackend()
+    second = extract_features(paths, backend, cache, batch_size=8, progress=False)
+    assert second.computed == 4 and sum(backend.calls) == 4
+    np.testing.assert_array_equal(first.features, second.features)
+    for entry, row in zip(entries, first.features, strict=True):  # rewritten right
+        np.testing.assert_array_equal(np.load(entry), row)
+
+
 def test_the_progress_bar_counts_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     extract_features(tiny_images(tmp_path, 40), FakeBackend(), None, batch_size=16)
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]

@@ -56,7 +56,8 @@ def add_item(
     if not backend.ready:
         backend.load()
     _check_backbone(report, backend)
-    cache = FeatureCache(cache_dir, backend.info.cache_key) if cache_dir else None
+    info = backend.info
+    cache = FeatureCache(cache_dir, info.cache_key, info.feature_dim) if cache_dir else None
     found = extract_features(paths, backend, cache, progress=False)
     kept = [paths[i] for i in found.kept]
     if not kept:

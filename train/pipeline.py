@@ -151,7 +151,11 @@ def _train(
     run: Path,
 ) -> TrainResult:
     info = backend.info
-    cache = FeatureCache(config.cache_dir, info.cache_key) if config.cache_dir else None
+    cache = (
+        FeatureCache(config.cache_dir, info.cache_key, info.feature_dim)
+        if config.cache_dir
+        else None
+    )
     extraction = _extract(dataset.paths, backend, cache, config, run)
     for path, why in extraction.rejected.items():
         log.warning("skipped %s: %s", path, why)
