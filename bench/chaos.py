@@ -144,7 +144,7 @@ def kill_half_way(command: list[str]) -> None:
     seen = b""
     # The progress bar redraws with carriage returns: read what comes, not lines.
     while b"%|" not in seen and process.poll() is None:
-        seen = seen[-4096:] + process.stderr.read1(4096)
+        seen = seen[-4096:] + os.read(process.stderr.fileno(), 4096)
     process.kill()
     process.wait(60)
 
