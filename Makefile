@@ -34,7 +34,7 @@ help:
 	@echo "make match    IMAGE=photo.jpg [TARGET=host:port] [TOP_K=5]"
 	@echo "make serve    serve without building anything"
 	@echo "make check    lint, format check, types (mypy), generated-code check, the import rule"
-	@echo "make bench    (about 2 h on 2 cores) Fashion-MNIST (70,000 photos: accuracy per backbone, layer and matcher), index search (exact vs faiss), Ray against local extraction, extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
+	@echo "make bench    (about 2 h on 2 cores) Fashion-MNIST (70,000 photos: accuracy per backbone, layer and matcher), index search (exact vs faiss), Ray against local extraction, extraction (loop, pipeline, ceiling; Inception v3 and Lite0, fp32 and bf16), engines (openvino vs tensorflow: network, pipeline, service), bf16 vs fp32, the service under load beside the model ceiling, peak memory under worst-case images (bench.memory), HTTP against gRPC, start-up, training time, matching quality per query kind, matcher and views (bench.quality)"
 	@echo "make chaos    [CHAOS_S=600]: load while TF Serving restarts, training retrains, is killed and reloads; 0 lost"
 	@echo "make soak     [SOAK_S=1200]: steady load for 20 minutes; errors and server memory over time (RSS growth <= 5 %)"
 
@@ -133,6 +133,8 @@ bench: export demo
 	$(PY) -m bench.startup --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
 		--image deploy/ghz/chelsea.jpg --json build/bench-startup.json
 	$(PY) -m bench.training --json build/bench-training.json
+	$(PY) -m bench.memory --model-base-path $(MODELS) --model-name $(BACKBONE) --classifier $(CLASSIFIER) \
+		--json build/bench-memory.json
 	$(PY) -m bench.index_search --json build/bench-index-search.json
 	$(PY) -m bench.ray_scale --model-dir $(MODEL_DIR) --json build/bench-ray-scale.json
 	$(MAKE) fashion-data
