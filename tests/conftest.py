@@ -145,6 +145,18 @@ def query_images(demo) -> list[tuple[str, Path]]:
     ]
 
 
+def copy_small_catalogue(demo, root: Path, items: int = 3, photos: int = 4) -> Path:
+    """The first `items` demo items with their first `photos` training photos each, copied to
+    `root`: a catalogue quick enough to train many times in a test."""
+    import shutil
+
+    for label in sorted(p for p in (demo.out / "train").iterdir() if p.is_dir())[:items]:
+        (root / label.name).mkdir(parents=True)
+        for photo in sorted(label.iterdir())[:photos]:
+            shutil.copy(photo, root / label.name / photo.name)
+    return root
+
+
 def outside_queries(demo) -> list[Path]:
     """The demo's query photos of things outside the catalogue (never seen in training)."""
     return sorted((demo.out / "queries" / "_outside").iterdir())

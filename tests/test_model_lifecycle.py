@@ -25,18 +25,14 @@ from matcher.core import check_fit
 from matcher.errors import ModelLoadError
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from tests import samples
+from tests.conftest import copy_small_catalogue
 from tests.test_lifecycle import service_process, until_serving, wait_for_port
 
 
 @pytest.fixture(scope="module")
 def small_catalogue(demo, tmp_path_factory) -> Path:
-    """Three items of four photos: quick to train on each backbone."""
-    root = tmp_path_factory.mktemp("lifecycle") / "data"
-    for label in sorted(p for p in (demo.out / "train").iterdir() if p.is_dir())[:3]:
-        (root / label.name).mkdir(parents=True)
-        for photo in sorted(label.iterdir())[:4]:
-            shutil.copy(photo, root / label.name / photo.name)
-    return root
+    """Three items of four photos each: quick to train again and again."""
+    return copy_small_catalogue(demo, tmp_path_factory.mktemp("lifecycle") / "data")
 
 
 @pytest.fixture(scope="module")
