@@ -23,7 +23,7 @@ import numpy as np
 from integrity.manifest import file_sha256, write_manifest
 from matcher.backends.base import FeatureExtractor
 from matcher.classifier import INDEX_MATCHERS, Classifier, read_run_report
-from matcher.dataset import DatasetError, images_in
+from matcher.dataset import DatasetError, images_in, label_of
 from matcher.extraction import FeatureCache, extract_features
 from matcher.index import CatalogueIndex
 from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE, photo_of
@@ -49,7 +49,7 @@ def add_item(
 ) -> Edit:
     """Add the photos in `folder` as the item named after it (or more views of that item)."""
     report, index = _open(run)
-    label = folder.name
+    label = label_of(folder)  # as training names it (NFC), so `café` stays one item
     paths = images_in(folder) if folder.is_dir() else []
     if not paths:
         raise DatasetError(f"{folder} holds no images to add (.jpg, .png, .heic, ...)")
