@@ -86,10 +86,12 @@ def test_features_stream_through_a_file_that_is_gone_once_mapped(
     data = small_dataset(demo, tmp_path / "data")
     config = TrainConfig(data=data, out=tmp_path / "out", cache_dir=None, progress=False)
     paths = discover(data).paths
-    extraction = pipeline._extract(paths, embedded_backend, None, config)
+    run = tmp_path / "run"  # the run folder being written (train.runs.new_run's)
+    run.mkdir()
+    extraction = pipeline._extract(paths, embedded_backend, None, config, run)
     # Read from the disk, not held in memory; the file itself already unlinked.
     assert isinstance(extraction.features, np.memmap)
-    assert list(config.out.iterdir()) == []
+    assert list(run.iterdir()) == []
     expected = embedded_backend.features([path.read_bytes() for path in paths])
     np.testing.assert_allclose(extraction.features, expected, atol=1e-5)
 
