@@ -11,6 +11,7 @@ is computed by one pair of models and names that pair.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -168,7 +169,7 @@ class MatcherCore:
                 f"no_match_threshold {no_match_threshold} is not a similarity in [-1, 1]"
             )
         mode = check_mode(views or self.default_views)
-        self._served_pair()  # not loaded yet: say so before any work
+        # Not loaded yet: `_input_side` says so before any work.
         answers = await self._answers(image, mode, self._input_side())
         merged = _merge(answers, PLANS[mode])
         ranked = _ranked(merged, top_k)
@@ -267,21 +268,16 @@ class MatcherCore:
         """The answers for each view of one image, computed in one batch (with concurrent
         requests' views)."""
         header = inspect_image(image, self._limits)
-        if self.pixel_budget is None:
-            return await self._answers_of(image, header, mode, input_side)
+        budget = self.pixel_budget
         # Held through every decode the request causes, until its answer.
-        async with self.pixel_budget.hold(header.decode_pixels(input_side)):
-            return await self._answers_of(image, header, mode, input_side)
-
-    async def _answers_of(
-        self, image: bytes, header: ImageHeader, mode: str, input_side: int
-    ) -> list[_Answer]:
-        if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
-            image = await asyncio.to_thread(for_graph, image, header)
-        views = [image]
-        if mode != "whole":  # a decode, crops and encodes: off the event loop too
-            views = await asyncio.to_thread(render_views, image, mode, input_side)
-        answers: list[_Answer] = await self.batcher.features_of_views(views)
+        held = budget.hold(header.decode_pixels(input_side)) if budget else contextlib.nullcontext()
+        async with held:
+            if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
+                image = await asyncio.to_thread(for_graph, image, header)
+            views = [image]
+            if mode != "whole":  # a decode, crops and encodes: off the event loop too
+                views = await asyncio.to_thread(render_views, image, mode, input_side)
+            answers: list[_Answer] = await self.batcher.features_of_views(views)
         return answers
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:

@@ -29,12 +29,12 @@ from integrity.manifest import file_sha256, verify
 from matcher import duplicates
 from matcher.classifier import Classifier
 from matcher.dataset import DatasetError, discover
-from matcher.factory import make_core
 from matcher.index import CatalogueIndex
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from service.config import Settings
-from service.server import RunningServer, start_server
+from service.server import RunningServer
 from tests.cli_output import cli_stderr_lines, run_module
+from tests.test_security import serving as started
 from train import plots
 from train.pipeline import TrainConfig, TrainResult, train
 from train.visual_report import picture_text, write_visual_report
@@ -99,12 +99,8 @@ async def serving(run, exported_model) -> AsyncIterator[RunningServer]:
         grace_s=0.5,
         views="whole",
     )
-    running = await start_server(settings, make_core(settings))
-    try:
-        await running.load_models()
+    async with started(settings) as running:
         yield running
-    finally:
-        await running.stop(0)
 
 
 # ---- the files `train` writes ---------------------------------------------------------------

@@ -29,17 +29,24 @@ def _check(level: memory.Level) -> None:
     assert level.answers.get("OK", 0) >= 16, level.answers  # the overload answer is not all
 
 
-def test_128_worst_case_calls_stay_inside_the_embedded_servers_bound(exported_model, trained):
-    base = exported_model.path.parent.parent
+def _flood(backend: str, exported_model, trained, flags=(), images=None) -> memory.Level:
+    """CONCURRENCY worst-case calls at one fresh server on `backend`, its answers checked."""
     (level,) = memory.run(
-        ["embedded"],
+        [backend],
         [CONCURRENCY],
-        base,
+        exported_model.path.parent.parent,
         exported_model.path.parent.name,
         trained.report_path.parent,
-    )["embedded"]
-    print(f"embedded: {level}")
+        flags,
+        images,
+    )[backend]
+    print(f"{backend}: {level}")
     _check(level)
+    return level
+
+
+def test_128_worst_case_calls_stay_inside_the_embedded_servers_bound(exported_model, trained):
+    level = _flood("embedded", exported_model, trained)
     assert level.peak_mb["matcher"] <= EMBEDDED_BOUND_MIB, level
 
 
@@ -66,17 +73,6 @@ def test_the_manifests_limits_hold_128_worst_case_calls_through_tf_serving(
         max_pixels=int(config["MATCHER_MAX_IMAGE_PIXELS"]),
         receive_bytes=int(config["MATCHER_MAX_RECEIVE_BYTES"]),
     )
-    base = exported_model.path.parent.parent
-    (level,) = memory.run(
-        ["tfserving"],
-        [CONCURRENCY],
-        base,
-        exported_model.path.parent.name,
-        trained.report_path.parent,
-        flags,
-        images,
-    )["tfserving"]
-    print(f"tfserving: {level}")
-    _check(level)
+    level = _flood("tfserving", exported_model, trained, flags, images)
     assert level.peak_mb["matcher"] <= _memory_limit(objects, "matcher"), level
     assert level.peak_mb["tfserving double"] <= _memory_limit(objects, "tfserving"), level

@@ -76,7 +76,7 @@ def photo_views(
         for view in render(for_graph(data, inspect_image(data, ImageLimits())), plan, side):
             digest = hashlib.sha256(view).hexdigest()
             found = cache.get(digest) if cache else None
-            if found is not None and found.shape == (dim,):
+            if found is not None:  # FeatureCache(dim=...) has checked its shape
                 features[row] = found
             else:
                 pending.append((row, view, digest))
