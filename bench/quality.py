@@ -12,9 +12,13 @@ request's on an idle server.
     .venv/bin/python -m bench.quality [--matchers svm,knn,prototype] \\
         [--views whole,crops,crops_rotations] [--json build/bench-quality.json]
 
-"refused" is the share of outside photos answered NO_MATCH; "false rejects" the share of the
-correctly ranked catalogue queries answered NO_MATCH (the calibration aims at 2 % on held-out
-training views, so on harder field photos it is higher: the figure to read).
+Each mode is measured as served (answers checked by geometry, `matcher.geometry`) and, on the
+same run, with the check off (`min_inliers=0`, rows marked "no-geometry": the verdict on
+similarity alone, against the mode's similarity threshold). "verified" is the share of the
+correct answers geometry verified. "refused" is the share of outside photos answered
+NO_MATCH; "false rejects" the share of the correctly ranked catalogue queries answered
+NO_MATCH (the calibration aims at 2 % on held-out training views, so on harder field photos it
+is higher: the figure to read).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from matcher.settings import CoreSettings
 from matcher.views import VIEW_MODES
 
 MATCHERS = ("svm", "knn", "prototype")
+#: The label of rows whose answers were not checked by geometry (min_inliers=0).
+NO_GEOMETRY = "no-geometry"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +74,11 @@ def train_run(data: Path, out: Path, matcher: str, model_dir: Path, cache: Path)
 
 
 async def evaluate(
-    run: Path, model_dir: Path, queries: dict[str, list[tuple[Path, str]]], modes: list[str]
+    run: Path,
+    model_dir: Path,
+    queries: dict[str, list[tuple[Path, str]]],
+    modes: list[str],
+    geometry_off: bool = True,
 ) -> dict[str, Any]:
     """Every query through the core, for each mode: the figures of one trained run."""
     from matcher.factory import make_core
@@ -79,23 +89,30 @@ async def evaluate(
     try:
         for mode in modes:
             figures[mode] = await _evaluate_mode(core, queries, mode)
+            if geometry_off:  # the same run, its answers not checked by geometry
+                figures[f"{mode} {NO_GEOMETRY}"] = await _evaluate_mode(core, queries, mode, 0)
     finally:
         await core.close()
     return figures
 
 
-async def _evaluate_mode(core: Any, queries: dict[str, list[tuple[Path, str]]], mode: str) -> Any:
+async def _evaluate_mode(
+    core: Any, queries: dict[str, list[tuple[Path, str]]], mode: str, min_inliers: int | None = None
+) -> Any:
     hits: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)  # top-1, top-5, refused
+    verified: list[bool] = []
     latency: list[float] = []
     threshold = None
     todo = [(kind, path, label) for kind, found in queries.items() for path, label in found]
     for kind, path, label in tqdm(todo, desc=mode, unit="query", leave=False):
         data = path.read_bytes()
         started = time.perf_counter()
-        result = await core.match(data, top_k=5, views=mode)
+        result = await core.match(data, top_k=5, views=mode, min_inliers=min_inliers)
         latency.append(time.perf_counter() - started)
         names = [m.label for m in result.matches]
         refused = result.verdict is not None and not result.verdict.matched
+        if kind != "outside" and names[0] == label:
+            verified.append(result.verdict is not None and result.verdict.verified)
         threshold = result.verdict.threshold if result.verdict else None
         hits[kind].append((names[0] == label, label in names, refused))
     catalogue = [hit for kind, found in hits.items() if kind != "outside" for hit in found]
@@ -107,6 +124,8 @@ async def _evaluate_mode(core: Any, queries: dict[str, list[tuple[Path, str]]], 
         "by_kind": {kind: _share(h[0] for h in hits[kind]) for kind in KINDS if kind in hits},
         "outside_refused": _share(h[2] for h in hits.get("outside", [])),
         "false_rejects": _share(h[2] for h in correct),
+        # Correct answers geometry verified (the rest matched on similarity, or not at all).
+        "verified": _share(verified),
         "threshold": threshold,
         "latency_ms": {
             "p50": round(1000 * statistics.median(latency), 1),
@@ -149,16 +168,18 @@ def _share(values: Any) -> float:
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     kinds = [kind for kind in KINDS]
     short = {"cluttered_rotated": "clut+rot", "second_photo": "2nd photo"}
-    header = f"{'matcher':10s} {'views':16s} {'top-1':>6s} {'top-5':>6s} "
+    header = f"{'matcher':10s} {'views':28s} {'top-1':>6s} {'top-5':>6s} "
     header += " ".join(f"{short.get(k, k)[:9]:>9s}" for k in kinds)
-    header += f" {'refused':>8s} {'false rej':>9s} {'thresh':>7s} {'p50 ms':>7s} {'p95 ms':>7s}"
+    header += f" {'refused':>8s} {'false rej':>9s} {'verified':>8s} {'thresh':>7s}"
+    header += f" {'p50 ms':>7s} {'p95 ms':>7s}"
     print(header)
     for matcher, modes in results.items():
         for mode, row in modes.items():
-            line = f"{matcher:10s} {mode:16s} {row['top1']:6.1%} {row['top5']:6.1%} "
+            line = f"{matcher:10s} {mode:28s} {row['top1']:6.1%} {row['top5']:6.1%} "
             line += " ".join(f"{row['by_kind'].get(k, float('nan')):9.1%}" for k in kinds)
             threshold = row["threshold"] if row["threshold"] is not None else float("nan")
-            line += f" {row['outside_refused']:8.1%} {row['false_rejects']:9.1%} {threshold:7.3f}"
+            line += f" {row['outside_refused']:8.1%} {row['false_rejects']:9.1%}"
+            line += f" {row['verified']:8.1%} {threshold:7.3f}"
             line += f" {row['latency_ms']['p50']:7.1f} {row['latency_ms']['p95']:7.1f}"
             print(line)
 

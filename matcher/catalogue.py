@@ -15,8 +15,21 @@ from typing import Any
 from integrity.manifest import Manifest
 from matcher.domain import Reference
 from matcher.errors import ModelLoadError, NotFoundError
+from matcher.geometry import MIN_INLIERS, KeypointStore
 from matcher.index import CatalogueIndex
-from matcher.layout import INDEX_FILE, REFERENCES_DIR, photo_of, thumbnail_path
+from matcher.layout import INDEX_FILE, KEYPOINTS_FILE, REFERENCES_DIR, photo_of, thumbnail_path
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How a run's answers are checked by geometry (`matcher.geometry`), as train recorded it:
+    a label with `min_inliers` inliers is verified; an unverified answer is still a match when
+    its similarity reaches the views mode's `thresholds` (the "rescue" threshold, calibrated
+    so that at most 2 % of correct held-out and field matches are refused)."""
+
+    keypoints: KeypointStore
+    min_inliers: int
+    thresholds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,8 @@ class Catalogue:
     thresholds: dict[str, float]
     #: sha256 of every thumbnail, by reference id, as the manifest records them.
     thumbnails: dict[str, str]
+    #: The keypoints and thresholds of geometric verification; None for runs without them.
+    verification: Verification | None = None
 
     @property
     def threshold(self) -> float | None:
@@ -68,7 +83,34 @@ def load_catalogue(
         for name, file in manifest.files.items()
         if name.startswith(prefix)
     }
-    return Catalogue(index, folder, calibrated_thresholds(report or {}), thumbnails)
+    return Catalogue(
+        index,
+        folder,
+        calibrated_thresholds(report or {}),
+        thumbnails,
+        _load_verification(folder, manifest, report or {}),
+    )
+
+
+def _load_verification(
+    folder: Path, manifest: Manifest, report: dict[str, Any]
+) -> Verification | None:
+    """The run's keypoints, verified against the manifest, and its verification thresholds;
+    None for a run trained before geometric verification (or with it off)."""
+    entry = manifest.files.get(KEYPOINTS_FILE)
+    recorded = report.get("verification")
+    if entry is None or not recorded:
+        return None
+    data = (folder / KEYPOINTS_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ModelLoadError(
+            f"{folder / KEYPOINTS_FILE} changed after it was verified; refusing it"
+        )
+    keypoints = KeypointStore.from_bytes(data, str(folder / KEYPOINTS_FILE))
+    thresholds = {
+        mode: float(found["threshold"]) for mode, found in (recorded.get("views") or {}).items()
+    }
+    return Verification(keypoints, int(recorded.get("min_inliers", MIN_INLIERS)), thresholds)
 
 
 def calibrated_thresholds(report: dict[str, Any]) -> dict[str, float]:

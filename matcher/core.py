@@ -34,7 +34,14 @@ from matcher.domain import (
     Reference,
     Verdict,
 )
-from matcher.errors import InvalidRequestError, ModelLoadError, NotReadyError
+from matcher.errors import InvalidImageError, InvalidRequestError, ModelLoadError, NotReadyError
+from matcher.geometry import (
+    CANDIDATE_LABELS,
+    LOCAL_SIDE,
+    LocalFeatures,
+    local_features,
+    verify_labels,
+)
 from matcher.images import (
     ImageHeader,
     ImageLimits,
@@ -81,6 +88,20 @@ class _Merged:
     nearest: tuple[np.ndarray, list[str], list[str]] | None
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """Geometric verification of a photo's first labels (`matcher.geometry`)."""
+
+    #: Inliers and the reference id they are on, by label column, for the labels checked.
+    found: dict[int, tuple[int, str]]
+    min_inliers: int
+
+    def verified(self) -> list[int]:
+        """The verified label columns, most inliers first."""
+        kept = [c for c, (count, _) in self.found.items() if count >= self.min_inliers]
+        return sorted(kept, key=lambda c: -self.found[c][0])
+
+
 class MatcherCore:
     """Matches images against the catalogue once `load` has succeeded."""
 
@@ -93,10 +114,13 @@ class MatcherCore:
         no_match_threshold: float | None = None,
         default_views: str = DEFAULT_VIEWS,
         pixel_budget: PixelBudget | None = None,
+        min_inliers: int | None = None,
     ) -> None:
         self._backend = backend
         #: The server's threshold, over the calibrated one (None: use the calibrated one).
         self._no_match_threshold = no_match_threshold
+        #: The server's inliers that verify a label, over the run's (0: no verification).
+        self._min_inliers = min_inliers
         #: The views a request that names none is looked at with (`matcher.views`).
         self.default_views = check_mode(default_views)
         self._load_classifier = load_classifier
@@ -155,6 +179,7 @@ class MatcherCore:
         top_k: int,
         no_match_threshold: float | None = None,
         views: str | None = None,
+        min_inliers: int | None = None,
     ) -> MatchResult:
         """Rank the labels for one image; top_k == 0 means all labels.
 
@@ -163,20 +188,44 @@ class MatcherCore:
         label comes with its nearest reference view, and the verdict says whether the nearest
         view of all reaches the threshold: `no_match_threshold`, else the server's, else the
         one calibrated at training for these views.
+
+        Where the run has keypoints (`matcher.geometry`), the first labels are checked by
+        geometry too: a verified label ranks first, and the photo matches when a label is
+        verified (`min_inliers`: the request's, else the server's, else the run's; 0 turns it
+        off) or, failing that, when its similarity reaches the rescue threshold.
         """
         if no_match_threshold is not None and not -1.0 <= no_match_threshold <= 1.0:
             raise InvalidRequestError(
                 f"no_match_threshold {no_match_threshold} is not a similarity in [-1, 1]"
             )
+        if min_inliers is not None and min_inliers < 0:
+            raise InvalidRequestError(f"min_inliers {min_inliers} is negative")
         mode = check_mode(views or self.default_views)
         # Not loaded yet: `_input_side` says so before any work.
-        answers = await self._answers(image, mode, self._input_side())
+        side = self._input_side()
+        required = self._required_inliers(min_inliers)
+        answers, local = await self._answers(image, mode, side, keypoints=bool(required))
         merged = _merge(answers, PLANS[mode])
-        ranked = _ranked(merged, top_k)
-        verdict = self._verdict(merged, mode, no_match_threshold)
+        checked = None
+        if local is not None and required:
+            checked = await asyncio.to_thread(_verify, merged, answers, local, required)
+        ranked = _ranked(merged, top_k, checked)
+        verdict = self._verdict(merged, mode, no_match_threshold, checked)
         return MatchResult(ranked, merged.whole.model, verdict, mode)
 
-    def _verdict(self, merged: _Merged, mode: str, requested: float | None) -> Verdict | None:
+    def _required_inliers(self, requested: int | None) -> int:
+        """The inliers that verify a label for this request; 0 when nothing is checked (the
+        served run has no keypoints, or the request or the server turned it off)."""
+        _, classifier = self._served_pair()
+        catalogue = classifier.catalogue
+        if catalogue is None or catalogue.verification is None:
+            return 0
+        found = _first_set(requested, self._min_inliers, catalogue.verification.min_inliers)
+        return int(found or 0)
+
+    def _verdict(
+        self, merged: _Merged, mode: str, requested: float | None, checked: _Checked | None
+    ) -> Verdict | None:
         """The verdict on the merged views, against the first threshold that is set.
 
         A run calibrated before multi-view queries has only the whole photo's threshold: the
@@ -185,6 +234,20 @@ class MatcherCore:
         whole = merged.whole.nearest
         if merged.nearest is None or whole is None or catalogue is None:
             return None
+        if checked is not None and catalogue.verification is not None:
+            threshold = _first_set(
+                requested,
+                self._no_match_threshold,
+                catalogue.verification.thresholds.get(mode),
+                catalogue.thresholds.get(mode),
+            )
+            if threshold is None:
+                return None
+            score = float(merged.nearest[0].max())
+            verified = checked.verified()
+            count = checked.found[verified[0]][0] if verified else _most_inliers(checked)
+            matched = bool(verified) or score >= threshold
+            return Verdict(matched, score, threshold, count, checked.min_inliers)
         if (
             requested is None
             and self._no_match_threshold is None
@@ -213,7 +276,7 @@ class MatcherCore:
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image (the whole photo)."""
-        (answer,) = await self._answers(image, "whole", self._input_side())
+        (answer,), _ = await self._answers(image, "whole", self._input_side())
         return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
@@ -234,13 +297,23 @@ class MatcherCore:
             model=ModelIdentity(backbone.name, backbone.version, info.sha256),
             feature_backend=self._backend.kind,
             reference_views=catalogue.index.size if catalogue else 0,
-            no_match_threshold=_first_set(
-                self._no_match_threshold,
-                catalogue.thresholds.get(self.default_views, catalogue.threshold)
-                if catalogue
-                else None,
-            ),
+            no_match_threshold=self._default_threshold(classifier),
             default_views=self.default_views,
+            min_inliers=self._required_inliers(None) or None,
+        )
+
+    def _default_threshold(self, classifier: Classifier) -> float | None:
+        """The similarity threshold a request that sets none is judged against (as
+        `_verdict` picks it for the default views)."""
+        catalogue = classifier.catalogue
+        if catalogue is None:
+            return self._no_match_threshold
+        mode = self.default_views
+        rescue = None
+        if self._required_inliers(None) and catalogue.verification is not None:
+            rescue = catalogue.verification.thresholds.get(mode)
+        return _first_set(
+            self._no_match_threshold, rescue, catalogue.thresholds.get(mode, catalogue.threshold)
         )
 
     def _input_side(self) -> int:
@@ -264,21 +337,31 @@ class MatcherCore:
         Match checks it: for callers that keep a photo without matching it."""
         return inspect_image(image, self._limits)
 
-    async def _answers(self, image: bytes, mode: str, input_side: int) -> list[_Answer]:
+    async def _answers(
+        self, image: bytes, mode: str, input_side: int, keypoints: bool = False
+    ) -> tuple[list[_Answer], LocalFeatures | None]:
         """The answers for each view of one image, computed in one batch (with concurrent
-        requests' views)."""
+        requests' views), and, with `keypoints`, the photo's local features, found while the
+        model works."""
         header = inspect_image(image, self._limits)
         budget = self.pixel_budget
         # Held through every decode the request causes, until its answer.
-        held = budget.hold(header.decode_pixels(input_side)) if budget else contextlib.nullcontext()
+        pixels = header.decode_pixels(input_side)
+        if keypoints:  # a second decode, at most LOCAL_SIDE a side, while the model works
+            pixels += header.decode_pixels(LOCAL_SIDE)
+        held = budget.hold(pixels) if budget else contextlib.nullcontext()
         async with held:
             if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
                 image = await asyncio.to_thread(for_graph, image, header)
             views = [image]
             if mode != "whole":  # a decode, crops and encodes: off the event loop too
                 views = await asyncio.to_thread(render_views, image, mode, input_side)
-            answers: list[_Answer] = await self.batcher.features_of_views(views)
-        return answers
+            if not keypoints:
+                return await self.batcher.features_of_views(views), None
+            answers, local = await asyncio.gather(
+                self.batcher.features_of_views(views), asyncio.to_thread(_keypoints_of, image)
+            )
+        return answers, local
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
         """Blocking: features of a batch, then the classifier's scores for all of it."""
@@ -343,21 +426,57 @@ def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:
         )
 
 
-def _ranked(merged: _Merged, top_k: int) -> list[LabelScore]:
+def _ranked(merged: _Merged, top_k: int, checked: _Checked | None = None) -> list[LabelScore]:
     # Stable sort so that equal scores keep the classifier's label order.
-    order = np.argsort(-merged.probabilities, kind="stable")
+    order = np.argsort(-merged.probabilities, kind="stable").tolist()
+    if checked is not None:  # verified labels first, most inliers first
+        verified = checked.verified()
+        order = verified + [i for i in order if i not in verified]
     if top_k:
         order = order[:top_k]
     labels = merged.whole.classifier.labels
     if merged.nearest is None:
         return [LabelScore(labels[i], float(merged.probabilities[i])) for i in order]
     similarity, ids, views = merged.nearest
+    found = checked.found if checked is not None else {}
     return [
         LabelScore(
-            labels[i], float(merged.probabilities[i]), ids[i], float(similarity[i]), views[i]
+            labels[i],
+            float(merged.probabilities[i]),
+            ids[i],
+            float(similarity[i]),
+            views[i],
+            found[i][0] if i in found else None,
+            found[i][1] if i in found else "",
         )
         for i in order
     ]
+
+
+def _verify(
+    merged: _Merged, answers: Sequence[_Answer], local: LocalFeatures, min_inliers: int
+) -> _Checked | None:
+    """Blocking: the inliers of the first `CANDIDATE_LABELS` labels (`verify_labels`)."""
+    catalogue = merged.whole.classifier.catalogue
+    if catalogue is None or catalogue.verification is None:  # swapped for a run without
+        return None
+    first = np.argsort(-merged.probabilities, kind="stable")[:CANDIDATE_LABELS].tolist()
+    features = np.stack([answer.features for answer in answers])
+    found = verify_labels(local, features, first, catalogue.index, catalogue.verification.keypoints)
+    return _Checked(found, min_inliers)
+
+
+def _keypoints_of(image: bytes) -> LocalFeatures | None:
+    """The photo's keypoints, or None when Pillow cannot decode it: the model's decode, which
+    runs beside this one, then answers for the request (one error, whichever came first)."""
+    try:
+        return local_features(image)
+    except InvalidImageError:
+        return None
+
+
+def _most_inliers(checked: _Checked) -> int:
+    return max((count for count, _ in checked.found.values()), default=0)
 
 
 def _first_set(*values: float | None) -> float | None:

@@ -55,6 +55,11 @@ class LabelScore:
     similarity: float | None = None
     #: The view of the photo that came closest to that reference view (`matcher.views`).
     query_view: str = ""
+    #: Keypoints of the photo that one similarity transform maps onto a view of this label
+    #: (`matcher.geometry`); None when the label was not checked.
+    inliers: int | None = None
+    #: The reference view those inliers are on ("" when not checked).
+    verified_reference_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,19 @@ class Verdict:
     matched: bool
     score: float
     threshold: float
+    #: Geometric verification (`matcher.geometry`): the first label's inliers and the count
+    #: that verifies it; None when the answer was not checked. With them, the photo matches
+    #: when it is verified or, failing that, when `score` reaches `threshold`.
+    inliers: int | None = None
+    min_inliers: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        return (
+            self.inliers is not None
+            and self.min_inliers is not None
+            and (self.inliers >= self.min_inliers)
+        )
 
 
 @dataclass(frozen=True)
@@ -107,3 +125,5 @@ class ModelDescription:
     reference_views: int = 0
     no_match_threshold: float | None = None
     default_views: str = "whole"
+    #: The inliers that verify a label (`matcher.geometry`); None when nothing is checked.
+    min_inliers: int | None = None

@@ -64,4 +64,5 @@ def make_core(settings: CoreSettings, backend: FeatureBackend | None = None) -> 
         settings.no_match_threshold,
         settings.views,
         PixelBudget(settings.decode_pixel_budget, settings.max_queued_requests),
+        settings.min_inliers,
     )

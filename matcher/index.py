@@ -192,6 +192,15 @@ class CatalogueIndex:
         best = np.take_along_axis(similarity, rows, axis=1)
         return Neighbours(best.astype(np.float32), rows)
 
+    def views_by_similarity(self, queries: np.ndarray, column: int) -> list[int]:
+        """The rows of label `column` (in `labels` order), most similar to any of `queries`
+        (backbone features) first: the views geometric verification checks."""
+        start, end = self._groups[column]
+        centred = normalise(np.asarray(queries, np.float32) - self.centre)
+        similarity = (centred @ self.vectors[start:end].T).max(axis=0)
+        rows: list[int] = (start + np.argsort(-similarity, kind="stable")).tolist()
+        return rows
+
     def prototypes(self) -> np.ndarray:
         """float32 [L, D]: each label's mean view, normalised (the `prototype` matcher).
 

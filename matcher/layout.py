@@ -40,6 +40,8 @@ REPORT_FILE = "report.json"
 FEATURES_FILE = "features.npz"
 #: The catalogue index: every reference view's normalised features, label and id.
 INDEX_FILE = "index.npz"
+#: Every catalogue photo's local keypoints, for geometric verification (`matcher.geometry`).
+KEYPOINTS_FILE = "keypoints.npz"
 #: A small JPEG of every reference view, at `REFERENCES_DIR/<reference id>.jpg`.
 REFERENCES_DIR = "references"
 #: Longest side of those thumbnails, pixels.
@@ -60,6 +62,7 @@ __all__ = [
     "FEATURE_MAPS_SIGNATURE",
     "INDEX_FILE",
     "INPUT_KEY",
+    "KEYPOINTS_FILE",
     "MANIFEST_FILE",
     "MODEL_INFO_FILE",
     "OUTPUT_KEY",

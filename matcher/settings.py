@@ -148,6 +148,14 @@ class CoreSettings(BackendSettings):
         "NO_MATCH, for every request that sets none; unset uses the threshold `train` "
         "calibrated (report.json's no_match).",
     )
+    min_inliers: int | None = Field(
+        None,
+        ge=0,
+        description="Keypoints of a photo that one rotation, scale and shift must map onto a "
+        "catalogue photo to verify its label by geometry, for every request that sets none; "
+        "unset uses the count `train` recorded (report.json's verification); 0 turns the "
+        "geometric check off (the verdict then rests on similarity alone).",
+    )
     views: ViewMode = Field(
         DEFAULT_VIEWS,
         description="How thoroughly Match looks at a photo when the request does not say: "

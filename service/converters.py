@@ -34,10 +34,14 @@ def views_from_proto(value: int) -> str | None:
     return _MODES[value]
 
 
-def match_args(request: matcher_pb2.ImageRequest) -> tuple[bytes, int, float | None, str | None]:
-    """`MatcherCore.match`'s arguments from an ImageRequest: image, top_k, threshold, views."""
+def match_args(
+    request: matcher_pb2.ImageRequest,
+) -> tuple[bytes, int, float | None, str | None, int | None]:
+    """`MatcherCore.match`'s arguments from an ImageRequest: image, top_k, threshold, views,
+    min_inliers."""
     threshold = request.no_match_threshold if request.HasField("no_match_threshold") else None
-    return request.image, request.top_k, threshold, views_from_proto(request.views)
+    inliers = request.min_inliers if request.HasField("min_inliers") else None
+    return request.image, request.top_k, threshold, views_from_proto(request.views), inliers
 
 
 def identity_to_proto(identity: ModelIdentity) -> matcher_pb2.ModelIdentity:
@@ -57,6 +61,9 @@ def label_score_to_proto(match: LabelScore) -> matcher_pb2.LabelScore:
     )
     if match.similarity is not None:
         message.similarity = match.similarity
+    if match.inliers is not None:
+        message.inliers = match.inliers
+        message.verified_reference_id = match.verified_reference_id
     return message
 
 
@@ -70,6 +77,9 @@ def match_to_proto(result: MatchResult) -> matcher_pb2.MatchResponse:
         response.verdict = VERDICTS[result.verdict.matched]
         response.verdict_score = result.verdict.score
         response.threshold = result.verdict.threshold
+        if result.verdict.inliers is not None and result.verdict.min_inliers is not None:
+            response.inliers = result.verdict.inliers
+            response.min_inliers = result.verdict.min_inliers
     return response
 
 
@@ -108,4 +118,6 @@ def description_to_proto(description: ModelDescription) -> matcher_pb2.ModelInfo
         info.holdout_accuracy = description.holdout_accuracy
     if description.no_match_threshold is not None:
         info.no_match_threshold = description.no_match_threshold
+    if description.min_inliers is not None:
+        info.min_inliers = description.min_inliers
     return info

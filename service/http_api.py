@@ -104,6 +104,8 @@ OPTION_FIELDS = {
     "no_match_threshold": "no_match_threshold",
     "noMatchThreshold": "no_match_threshold",
     "views": "views",
+    "min_inliers": "min_inliers",
+    "minInliers": "min_inliers",
 }
 
 
@@ -461,12 +463,18 @@ def _set_options(message: matcher_pb2.ImageRequest, options: dict[str, str]) -> 
                 message.top_k = top_k
             elif field == "no_match_threshold":
                 message.no_match_threshold = float(value)
+            elif field == "min_inliers":
+                inliers = int(value)
+                if inliers < 0:
+                    raise ValueError
+                message.min_inliers = inliers
             else:
                 message.views = _views(value)
         except ValueError:
             expected = {
                 "top_k": "a whole number >= 0",
                 "no_match_threshold": "a number in [-1, 1]",
+                "min_inliers": "a whole number >= 0",
                 "views": "whole, crops or crops_rotations",
             }[field]
             raise ApiError(

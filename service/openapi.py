@@ -105,6 +105,12 @@ _OPTION_PROPERTIES = {
         "maximum": 1,
         "description": "This request's no-match threshold (Match only).",
     },
+    "min_inliers": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "Inliers that verify a label by geometry; 0: no geometric check "
+        "(Match only).",
+    },
     "views": {
         "type": "string",
         "enum": list(VIEWS),

@@ -85,7 +85,14 @@ def test_the_trained_folder_verifies_against_its_manifest(trained) -> None:
     folder = trained.classifier_path.parent
     manifest = verify(folder, "classifier")
     top = sorted({name.split("/")[0] for name in manifest.files})
-    assert top == ["classifier.skops", "features.npz", "index.npz", "references", "report.json"]
+    assert top == [
+        "classifier.skops",
+        "features.npz",
+        "index.npz",
+        "keypoints.npz",
+        "references",
+        "report.json",
+    ]
     assert manifest.files["classifier.skops"].sha256 == file_sha256(trained.classifier_path)
     assert (manifest.kind, manifest.tool) == ("classifier", "train")
 

@@ -113,6 +113,7 @@ async def test_match_by_json_and_by_raw_body_take_the_same_options(http, server,
         "topK": 2,
         "views": "VIEWS_WHOLE",
         "noMatchThreshold": 0.99,
+        "minInliers": 0,  # no geometric check: the verdict is the similarity's alone
     }
     async with http.post(url(server, "/v1/match"), json=request) as response:
         by_json = await response.json()
@@ -121,7 +122,8 @@ async def test_match_by_json_and_by_raw_body_take_the_same_options(http, server,
     assert by_json["threshold"] == pytest.approx(0.99)
     assert by_json["verdict"] == "NO_MATCH"  # no photo is that similar to a catalogue view
     assert by_json["views"] == "VIEWS_WHOLE"
-    raw = url(server, "/v1/match?top_k=2&views=whole&no_match_threshold=0.99")
+    assert "inliers" not in by_json["matches"][0]
+    raw = url(server, "/v1/match?top_k=2&views=whole&no_match_threshold=0.99&min_inliers=0")
     headers = {"Content-Type": "image/jpeg"}
     async with http.post(raw, data=path.read_bytes(), headers=headers) as response:
         by_raw = await response.json()
@@ -182,6 +184,7 @@ async def test_bad_input_gets_400_with_grpcs_message(http, server, stub, demo):
         "top_k": ("-1", "top_k must be a whole number >= 0, not '-1'"),
         "views": ("sideways", "views must be whole, crops or crops_rotations, not 'sideways'"),
         "no_match_threshold": ("1.5", "no_match_threshold 1.5 is not a similarity in [-1, 1]"),
+        "min_inliers": ("-3", "min_inliers must be a whole number >= 0, not '-3'"),
     }
     for option, (bad, message) in cases.items():
         status, body = await post_match(http, server, path, **{option: bad})

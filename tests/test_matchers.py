@@ -121,12 +121,19 @@ async def test_items_are_added_and_removed_without_retraining_and_hot_reloaded(
         assert outcome.refused == {}
         return core.describe().labels
 
+    def keypoint_photos() -> set[str]:
+        catalogue = core.read_classifier().catalogue
+        assert catalogue is not None and catalogue.verification is not None
+        return {photo.split("/")[0] for photo in catalogue.verification.keypoints.ids}
+
     removed = remove_item(run, label)
     assert removed.photos == demo.train_views
     assert label not in await settle()
     answer = await core.match(path.read_bytes(), 1)
     assert answer.matches[0].label != label
     assert not (run / "references" / label).exists()
+    # Its keypoints went with it: nothing is left to verify it by.
+    assert label not in keypoint_photos()
 
     added = add_item(run, demo.out / "train" / label, embedded_backend)
     assert (added.photos, added.total_photos) == (
@@ -137,6 +144,10 @@ async def test_items_are_added_and_removed_without_retraining_and_hot_reloaded(
     answer = await core.match(path.read_bytes(), 1)
     await core.batcher.close()
     assert answer.matches[0].label == label
+    # The added photos' keypoints joined the store: the item is verified by geometry again.
+    assert label in keypoint_photos()
+    assert answer.verdict is not None and answer.verdict.verified
+    assert answer.matches[0].verified_reference_id.startswith(f"{label}/")
     assert (await core.reference(answer.matches[0].reference_id)).label == label
     report = json.loads((run / "report.json").read_text())
     assert [edit["what"] for edit in report["edits"]] == [

@@ -54,8 +54,12 @@ async def test_each_mode_answers_with_its_own_views_and_threshold(stub, demo, tr
     answers = {mode: await match(stub, image, views=value) for mode, value in VIEWS.items()}
     for mode, answer in answers.items():
         assert answer.views == VIEWS[mode]
-        calibrated = trained.report["no_match_views"][mode]["threshold"]
+        # Checked by geometry: the similarity that rescues an unverified answer, per mode.
+        calibrated = trained.report["verification"]["views"][mode]["threshold"]
         assert answer.threshold == pytest.approx(calibrated), mode
+        unchecked = await match(stub, image, views=VIEWS[mode], min_inliers=0)
+        plain = trained.report["no_match_views"][mode]["threshold"]
+        assert unchecked.threshold == pytest.approx(plain), mode
         names = {view.name for view in PLANS[mode]}
         assert all(item.query_view in names for item in answer.matches), mode
         assert answer.matches[0].label == label
@@ -123,6 +127,7 @@ async def test_a_run_calibrated_on_whole_photos_only_judges_the_whole_view(
     shutil.copytree(trained.classifier_path.parent, run)
     report = json.loads((run / REPORT_FILE).read_text())
     del report["no_match_views"]
+    del report["verification"]  # geometric verification came later still
     (run / REPORT_FILE).write_text(json.dumps(report))
     write_manifest(run, tool="train", kind="classifier")
     core = make_core(

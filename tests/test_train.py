@@ -121,7 +121,14 @@ def test_the_run_folder_is_vouched_for_by_its_manifest(trained) -> None:
     assert trained.classifier_path.name == "classifier.skops"
     manifest = verify(folder, "classifier")
     top = sorted({name.split("/")[0] for name in manifest.files})
-    assert top == ["classifier.skops", "features.npz", "index.npz", "references", "report.json"]
+    assert top == [
+        "classifier.skops",
+        "features.npz",
+        "index.npz",
+        "keypoints.npz",
+        "references",
+        "report.json",
+    ]
     # Every kept photo has its thumbnail, listed (its turned views show the same one).
     thumbnails = [name for name in manifest.files if name.startswith("references/")]
     assert len(thumbnails) == trained.report["index"]["photos"]
@@ -184,12 +191,20 @@ def test_joblib_format_replaces_the_skops_file(demo, embedded_backend, tmp_path)
         "classifier.joblib",
         "features.npz",
         "index.npz",
+        "keypoints.npz",
         "manifest.json",
         "references",
         "report.json",
     ]
     top = sorted({name.split("/")[0] for name in verify(out).files})
-    assert top == ["classifier.joblib", "features.npz", "index.npz", "references", "report.json"]
+    assert top == [
+        "classifier.joblib",
+        "features.npz",
+        "index.npz",
+        "keypoints.npz",
+        "references",
+        "report.json",
+    ]
     assert second.report["classifier"]["file"] == "classifier.joblib"
     loaded = Classifier.load(second.classifier_path)
     assert loaded.info.sha256 == second.report["classifier"]["sha256"]

@@ -126,6 +126,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(which lets rotated field photos match, at three more backbone passes per photo)",
     )
     parser.add_argument(
+        "--no-verification",
+        action="store_true",
+        help="store no keypoints: answers are not checked by geometry (SIFT + RANSAC) and "
+        '"no match" is judged on similarity alone',
+    )
+    parser.add_argument(
         "--ray",
         metavar="auto|ADDRESS",
         help="extract the catalogue's features on a Ray cluster, in model actors (one per node): "
@@ -285,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         outside=args.outside,
         matcher=args.matcher,
         turned_views=not args.no_turned_views,
+        verification=not args.no_verification,
         ray=_ray_options(args),
         backend_settings=settings,
     )

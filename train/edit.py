@@ -6,7 +6,8 @@ item's photos go through the same backbone and preprocessing, their features joi
 similarities), their thumbnails join `references/`, and the report and, last, the manifest are
 rewritten, in a copy of the run published as a new run (`train.runs.edited_run`): the folder
 served is never changed in place. A server watching it swaps the new catalogue in by hot
-reload. The no-match threshold stays the one calibrated at training.
+reload. The no-match thresholds stay the ones calibrated at training; the new photos'
+keypoints join `keypoints.npz`, so the new item is verified by geometry like the others.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from matcher.backends.base import FeatureExtractor
 from matcher.classifier import INDEX_MATCHERS, Classifier, read_run_report
 from matcher.dataset import DatasetError, images_in, label_of
 from matcher.extraction import FeatureCache, extract_features
+from matcher.geometry import KeypointStore
 from matcher.index import CatalogueIndex
-from matcher.layout import INDEX_FILE, REFERENCES_DIR, REPORT_FILE, photo_of
+from matcher.layout import INDEX_FILE, KEYPOINTS_FILE, REFERENCES_DIR, REPORT_FILE, photo_of
 from train.photo_views import turned_features
 from train.references import write_thumbnail
 from train.runs import edited_run
+from train.verification import catalogue_keypoints
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def add_item(
     run: Path, folder: Path, backend: FeatureExtractor, cache_dir: Path | None = None
 ) -> Edit:
     """Add the photos in `folder` as the item named after it (or more views of that item)."""
-    report, index = _open(run)
+    report, index, keypoints = _open(run)
     label = label_of(folder)  # as training names it (NFC), so `café` stays one item
     paths = images_in(folder) if folder.is_dir() else []
     if not paths:
@@ -73,17 +76,19 @@ def add_item(
         grown = index.with_views(features, labels, views)
     except ValueError as exc:
         raise DatasetError(f"{exc}: rename the photos, or remove {label!r} first") from exc
+    if keypoints is not None:  # as the training stored them, for geometric verification
+        keypoints = keypoints.merged(catalogue_keypoints(kept, ids))
     with edited_run(run) as edited:  # a new run, published whole
         for path, reference in zip(kept, ids, strict=True):
             write_thumbnail(edited, path, reference)
-        _commit(edited, report, grown, f"added {len(kept)} photos of {label}")
+        _commit(edited, report, grown, keypoints, f"added {len(kept)} photos of {label}")
     rejected = {str(path): why for path, why in found.rejected.items()}
     return Edit(label, len(kept), _photos(grown), rejected)
 
 
 def remove_item(run: Path, label: str) -> Edit:
     """Remove every view of `label` from the catalogue."""
-    report, index = _open(run)
+    report, index, keypoints = _open(run)
     try:
         smaller = index.without_label(label)
     except ValueError as exc:
@@ -91,9 +96,12 @@ def remove_item(run: Path, label: str) -> Edit:
     if len(smaller.labels) < 2:
         raise DatasetError(f"removing {label!r} would leave fewer than 2 items in {run}")
     removed = _photos(index) - _photos(smaller)
+    if keypoints is not None:
+        kept = {photo_of(view) for view in smaller.ids}
+        keypoints = keypoints.without(lambda photo: photo in kept)
     with edited_run(run) as edited:  # a new run, published whole
         shutil.rmtree(edited / REFERENCES_DIR / label, ignore_errors=True)
-        _commit(edited, report, smaller, f"removed {removed} photos of {label}")
+        _commit(edited, report, smaller, keypoints, f"removed {removed} photos of {label}")
     return Edit(label, removed, _photos(smaller), {})
 
 
@@ -102,7 +110,7 @@ def _photos(index: CatalogueIndex) -> int:
     return sum(photo_of(view) == view for view in index.ids)
 
 
-def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex]:
+def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex, KeypointStore | None]:
     report = read_run_report(run)
     matcher = report.get("matcher", "svm")
     if matcher not in INDEX_MATCHERS:
@@ -113,7 +121,8 @@ def _open(run: Path) -> tuple[dict[str, Any], CatalogueIndex]:
     # Loaded as the server loads it: verified against the manifest, the index checked.
     catalogue = Classifier.load(run).catalogue
     assert catalogue is not None  # an index matcher refuses to load without one
-    return report, catalogue.index
+    verification = catalogue.verification
+    return report, catalogue.index, verification.keypoints if verification else None
 
 
 def _check_backbone(report: dict[str, Any], backend: FeatureExtractor) -> None:
@@ -127,9 +136,19 @@ def _check_backbone(report: dict[str, Any], backend: FeatureExtractor) -> None:
         )
 
 
-def _commit(run: Path, report: dict[str, Any], index: CatalogueIndex, what: str) -> None:
-    """Index, then report, then (last) the manifest that vouches for both."""
+def _commit(
+    run: Path,
+    report: dict[str, Any],
+    index: CatalogueIndex,
+    keypoints: KeypointStore | None,
+    what: str,
+) -> None:
+    """Index and keypoints, then report, then (last) the manifest that vouches for them."""
     index.save(run / INDEX_FILE)
+    if keypoints is not None:
+        keypoints.save(run / KEYPOINTS_FILE)
+        report["verification"]["photos"] = len(keypoints.ids)
+        report["verification"]["keypoints"] = keypoints.size
     report["classifier"]["sha256"] = file_sha256(run / INDEX_FILE)
     report["index"]["views"] = index.size
     report["index"]["photos"] = sum(photo_of(view) == view for view in index.ids)

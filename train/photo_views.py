@@ -33,11 +33,13 @@ from matcher.backends.base import FeatureExtractor
 from matcher.calibration import NoMatchCalibration, calibrate
 from matcher.classifier import merge_views
 from matcher.extraction import FeatureCache
+from matcher.geometry import MIN_INLIERS, QUERY_KEYPOINTS, KeypointStore
 from matcher.images import ImageLimits, for_graph, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.layout import TURN_MARK
 from matcher.views import PLANS, TURNED, QueryView, render
 from train.field_photos import PER_PHOTO, field_versions
+from train.verification import RescueCalibration, calibrate_rescue, check_photos, photo_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class ViewsCalibration:
     #: Each field version's true label and the label the matcher ranked first.
     field_truth: list[str]
     field_predicted: list[str]
+    #: The rescue threshold of geometric verification (`train.verification`); None without.
+    rescue: RescueCalibration | None = None
 
     def field_accuracy_by_label(self) -> dict[str, float]:
         truth, predicted = np.array(self.field_truth), np.array(self.field_predicted)
@@ -142,9 +146,13 @@ def calibrate_views(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    keypoints: KeypointStore | None = None,
+    min_inliers: int = MIN_INLIERS,
 ) -> dict[str, ViewsCalibration]:
     """The threshold of each of `modes`: held-out photos as they are and as field photos
     (`train.field_photos`), searched in `seen`, the training views; outside photos measure it.
+    With `keypoints` (the training photos'), each mode's answers are also checked by geometry
+    as the server checks them, and its rescue threshold is calibrated on them.
 
     The modes' plans nest (each is the start of the next), so every photo is cut and run
     through the backbone once, for the widest plan, and each mode reads its first views."""
@@ -158,21 +166,41 @@ def calibrate_views(
     beyond = photo_views(_read(outside), len(outside), *args, "outside views")
     truth, names = np.array(labels), np.array(seen.labels)
     field_truth = np.repeat(truth, PER_PHOTO)
+    local = None
+    if keypoints is not None:  # the photos as the server would see them, in the same order
+        photos = [*_read(paths), *field_versions(paths), *_read(outside)]
+        local = photo_keypoints(photos, len(photos), QUERY_KEYPOINTS, progress, "photo keypoints")
+        caches: list[dict[str, int]] = [{} for _ in photos]
     found = {}
     for mode in modes:
         views = len(PLANS[mode])
-        taken_nearest, taken_top = _best(as_taken[:, :views], seen, score, matcher)
-        field_nearest, field_top = _best(field[:, :views], seen, score, matcher)
-        field_predicted = names[field_top]
-        taken_correct = names[taken_top] == truth
-        field_correct = field_predicted == field_truth
-        matched = np.concatenate([taken_nearest[taken_correct], field_nearest[field_correct]])
+        every = np.concatenate([as_taken, field, beyond])[:, :views]
+        nearest, order = _best(every, seen, score, matcher)
+        inside = len(as_taken) + len(field)
+        truths = np.concatenate([truth, field_truth])
+        rescue = None
+        first = order[:inside, 0]
+        if local is not None and keypoints is not None:
+            checked = check_photos(local, every, order, seen, keypoints, min_inliers, caches)
+            first = checked.first[:inside]
+            right = names[first] == truths
+            rescue = calibrate_rescue(
+                nearest[:inside][right],
+                checked.verified[:inside][right],
+                nearest[inside:],
+                checked.inliers[inside:] >= min_inliers,
+                target,
+            )
+        correct = names[order[:inside, 0]] == truths
+        answered = names[first] == truths  # as served: a verified label first
+        taken_correct, field_correct = answered[: len(truth)], answered[len(truth) :]
         found[mode] = ViewsCalibration(
-            calibrate(matched, _best(beyond[:, :views], seen, score, matcher)[0], target),
+            calibrate(nearest[:inside][correct], nearest[inside:], target),
             float(taken_correct.mean()),
             float(field_correct.mean()),
             field_truth.tolist(),
-            field_predicted.tolist(),
+            names[first[len(truth) :]].tolist(),
+            rescue,
         )
     return found
 
@@ -180,15 +208,16 @@ def calibrate_views(
 def _best(
     photos: np.ndarray, seen: CatalogueIndex, score: Scorer, matcher: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each photo's nearest-view similarity over all its views, and its top label's column,
-    its views merged as the server merges a request's (`matcher.classifier.merge_views`)."""
+    """Each photo's nearest-view similarity over all its views, and its label columns ranked
+    [N, L], its views merged as the server merges a request's (`merge_views`)."""
     if len(photos) == 0:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
+        return np.zeros(0), np.zeros((0, len(seen.labels)), dtype=np.int64)
     count, views, dim = photos.shape
     stacked = np.ascontiguousarray(photos).reshape(count * views, dim)
     similarity = seen.search(stacked).similarity.reshape(count, views, -1)
     scores = np.asarray(score(stacked)).reshape(count, views, -1)
-    top = [
-        int(np.argmax(merge_views(matcher, s, n))) for s, n in zip(scores, similarity, strict=True)
+    order = [
+        np.argsort(-merge_views(matcher, s, n), kind="stable")
+        for s, n in zip(scores, similarity, strict=True)
     ]
-    return similarity.max(axis=(1, 2)), np.array(top, dtype=np.int64)
+    return similarity.max(axis=(1, 2)), np.array(order, dtype=np.int64)

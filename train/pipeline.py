@@ -27,12 +27,14 @@ from matcher.calibration import TARGET_FALSE_REJECT
 from matcher.classifier import INDEX_MATCHERS, file_sha256
 from matcher.dataset import Dataset, DatasetError, default_outside, discover, outside_images
 from matcher.extraction import Extraction, FeatureCache, extract_features, kept_mask_path
+from matcher.geometry import CANDIDATE_LABELS, CANDIDATE_VIEWS, MIN_INLIERS, KeypointStore
 from matcher.index import CatalogueIndex, Neighbours
 from matcher.layout import (
     CLASSIFIER_FILES,
     DEFAULT_FORMAT,
     FEATURES_FILE,
     INDEX_FILE,
+    KEYPOINTS_FILE,
     REFERENCES_DIR,
     REPORT_FILE,
 )
@@ -52,6 +54,7 @@ from train.report import (
     write_report,
 )
 from train.runs import new_run
+from train.verification import catalogue_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,9 @@ class TrainConfig:
     #: Index each photo turned by quarter turns too (`train.photo_views`): rotated field
     #: photos match, at three more backbone passes per photo.
     turned_views: bool = True
+    #: Store every photo's keypoints and check answers by geometry (`matcher.geometry`):
+    #: a verified item ranks first, and "no match" is judged on the evidence of both.
+    verification: bool = True
     #: Extract the catalogue's features on a Ray cluster (`matcher.ray_extraction`) instead
     #: of in this process; the actors build their backend from `backend_settings`.
     ray: RayOptions | None = None
@@ -199,9 +205,13 @@ def _train(
     names = sorted(set(labels))
     holdout = holdout_metrics(names, y_test, predicted)
     outside_photos = _outside_photos(backend, cache, config)
+    keypoints = (
+        catalogue_keypoints(kept_paths, ids, config.progress) if config.verification else None
+    )
     # Each views mode the server offers gets its threshold, on that mode's views.
     scorer = _scorer(matcher, seen, search.best_estimator_ if search else None)
     calibrating = calibration_sample(y_test, config.seed)
+    training_ids = {ids[i] for i in train_idx}
     by_views = _calibrate(
         seen,
         [kept_paths[test_idx[i]] for i in calibrating],
@@ -212,6 +222,8 @@ def _train(
         backend,
         cache,
         config,
+        # The held-out photos are checked on the training photos' keypoints only.
+        keypoints.without(lambda photo: photo in training_ids) if keypoints else None,
     )
     no_match = by_views["whole"].calibration
     classifier_file = (
@@ -230,6 +242,8 @@ def _train(
         *_with_turned(extraction.features, labels, ids, turned, everything)
     )
     index.save(run / INDEX_FILE)
+    if keypoints is not None:
+        keypoints.save(run / KEYPOINTS_FILE)
     write_thumbnails(run, kept_paths, ids)
     # What GetModelInfo and every answer name: the classifier file, or the index it ranks by.
     sha256 = file_sha256(classifier_file or run / INDEX_FILE)
@@ -289,6 +303,8 @@ def _train(
     report["no_match_views"] = {
         mode: found.calibration.as_dict() | sampled for mode, found in by_views.items()
     }
+    if keypoints is not None:
+        report["verification"] = verification_report(keypoints, by_views, sampled)
     report["views"] = {
         mode: {
             "views_per_photo": len(PLANS[mode]),
@@ -396,6 +412,7 @@ def _calibrate(
     backend: FeatureExtractor,
     cache: FeatureCache | None,
     config: TrainConfig,
+    keypoints: KeypointStore | None,
 ) -> dict[str, ViewsCalibration]:
     """The no-match threshold of each views mode (`train.photo_views.calibrate_views`)."""
     by_views = calibrate_views(
@@ -410,6 +427,7 @@ def _calibrate(
         cache,
         config.batch_size,
         config.progress,
+        keypoints,
     )
     for mode, found in by_views.items():
         calibration = found.calibration
@@ -424,7 +442,40 @@ def _calibrate(
             if rate is not None
             else "no outside photos to measure false accepts (DATA/_outside/ or --outside)",
         )
+        if found.rescue is not None:
+            rescue = found.rescue
+            log.info(
+                "geometry (%s) verifies %.1f %% of correct held-out matches; rescue threshold "
+                "%.4f: rejects %.1f %%%s",
+                mode,
+                100 * rescue.verified_share,
+                rescue.threshold,
+                100 * rescue.false_reject_rate,
+                f", accepts {100 * rescue.false_accept_rate:.1f} % of outside photos"
+                if rescue.false_accept_rate is not None
+                else "",
+            )
     return by_views
+
+
+def verification_report(
+    keypoints: KeypointStore, by_views: dict[str, ViewsCalibration], sampled: dict[str, int]
+) -> dict[str, Any]:
+    """report.json's `verification`: the rule the server applies and what it measured."""
+    return {
+        "file": KEYPOINTS_FILE,
+        "method": "SIFT + ratio test + RANSAC similarity transform (OpenCV)",
+        "min_inliers": MIN_INLIERS,
+        "candidate_labels": CANDIDATE_LABELS,
+        "candidate_views": CANDIDATE_VIEWS,
+        "photos": len(keypoints.ids),
+        "keypoints": keypoints.size,
+        "views": {
+            mode: found.rescue.as_dict() | sampled
+            for mode, found in by_views.items()
+            if found.rescue is not None
+        },
+    }
 
 
 #: A run's turned reference views: their features [3 N, D] (photo by photo), labels and ids.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matcher/v1/matcher.proto\x12\nmatcher.v1\"\x86\x01\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12 \n\x05views\x18\x04 \x01(\x0e\x32\x11.matcher.v1.ViewsB\x15\n\x13_no_match_threshold\"|\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x14\n\x0creference_id\x18\x03 \x01(\t\x12\x17\n\nsimilarity\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nquery_view\x18\x05 \x01(\tB\r\n\x0b_similarity\"S\n\rModelIdentity\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lassifier_sha256\x18\x03 \x01(\t\"\xd4\x01\n\rMatchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.matcher.v1.LabelScore\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12$\n\x07verdict\x18\x03 \x01(\x0e\x32\x13.matcher.v1.Verdict\x12\x15\n\rverdict_score\x18\x04 \x01(\x02\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12 \n\x05views\x18\x06 \x01(\x0e\x32\x11.matcher.v1.Views\"+\n\x13GetReferenceRequest\x12\x14\n\x0creference_id\x18\x01 \x01(\t\"S\n\tReference\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"K\n\rEmbedResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"\x9c\x04\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x17\n\x0f\x63lassifier_type\x18\x05 \x01(\t\x12\x46\n\x11\x63lassifier_params\x18\x06 \x03(\x0b\x32+.matcher.v1.ModelInfo.ClassifierParamsEntry\x12\x1d\n\x10holdout_accuracy\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x05model\x18\x08 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12\x17\n\x0f\x66\x65\x61ture_backend\x18\t \x01(\t\x12\x15\n\rfeature_layer\x18\n \x01(\t\x12\x17\n\x0freference_views\x18\x0b \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x0c \x01(\x02H\x01\x88\x01\x01\x12(\n\rdefault_views\x18\r \x01(\x0e\x32\x11.matcher.v1.Views\x12\x0e\n\x06\x65ngine\x18\x0e \x01(\t\x12\x11\n\tprecision\x18\x0f \x01(\t\x1a\x37\n\x15\x43lassifierParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_holdout_accuracyB\x15\n\x13_no_match_threshold*[\n\x05Views\x12\x15\n\x11VIEWS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVIEWS_WHOLE\x10\x01\x12\x0f\n\x0bVIEWS_CROPS\x10\x02\x12\x19\n\x15VIEWS_CROPS_ROTATIONS\x10\x03*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\t\n\x05MATCH\x10\x01\x12\x0c\n\x08NO_MATCH\x10\x02\x32\x95\x02\n\x07Matcher\x12<\n\x05Match\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.MatchResponse\x12<\n\x05\x45mbed\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.matcher.v1.GetModelInfoRequest\x1a\x15.matcher.v1.ModelInfo\x12\x46\n\x0cGetReference\x12\x1f.matcher.v1.GetReferenceRequest\x1a\x15.matcher.v1.Referenceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matcher/v1/matcher.proto\x12\nmatcher.v1\"\xb0\x01\n\x0cImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12 \n\x05views\x18\x04 \x01(\x0e\x32\x11.matcher.v1.Views\x12\x18\n\x0bmin_inliers\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x15\n\x13_no_match_thresholdB\x0e\n\x0c_min_inliers\"\xbd\x01\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x14\n\x0creference_id\x18\x03 \x01(\t\x12\x17\n\nsimilarity\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nquery_view\x18\x05 \x01(\t\x12\x14\n\x07inliers\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1d\n\x15verified_reference_id\x18\x07 \x01(\tB\r\n\x0b_similarityB\n\n\x08_inliers\"S\n\rModelIdentity\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x19\n\x11\x63lassifier_sha256\x18\x03 \x01(\t\"\xa0\x02\n\rMatchResponse\x12\'\n\x07matches\x18\x01 \x03(\x0b\x32\x16.matcher.v1.LabelScore\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12$\n\x07verdict\x18\x03 \x01(\x0e\x32\x13.matcher.v1.Verdict\x12\x15\n\rverdict_score\x18\x04 \x01(\x02\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12 \n\x05views\x18\x06 \x01(\x0e\x32\x11.matcher.v1.Views\x12\x14\n\x07inliers\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bmin_inliers\x18\x08 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_inliersB\x0e\n\x0c_min_inliers\"+\n\x13GetReferenceRequest\x12\x14\n\x0creference_id\x18\x01 \x01(\t\"S\n\tReference\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"K\n\rEmbedResponse\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x02\x12(\n\x05model\x18\x02 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"\xc6\x04\n\tModelInfo\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x17\n\x0f\x63lassifier_type\x18\x05 \x01(\t\x12\x46\n\x11\x63lassifier_params\x18\x06 \x03(\x0b\x32+.matcher.v1.ModelInfo.ClassifierParamsEntry\x12\x1d\n\x10holdout_accuracy\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12(\n\x05model\x18\x08 \x01(\x0b\x32\x19.matcher.v1.ModelIdentity\x12\x17\n\x0f\x66\x65\x61ture_backend\x18\t \x01(\t\x12\x15\n\rfeature_layer\x18\n \x01(\t\x12\x17\n\x0freference_views\x18\x0b \x01(\r\x12\x1f\n\x12no_match_threshold\x18\x0c \x01(\x02H\x01\x88\x01\x01\x12(\n\rdefault_views\x18\r \x01(\x0e\x32\x11.matcher.v1.Views\x12\x0e\n\x06\x65ngine\x18\x0e \x01(\t\x12\x11\n\tprecision\x18\x0f \x01(\t\x12\x18\n\x0bmin_inliers\x18\x10 \x01(\rH\x02\x88\x01\x01\x1a\x37\n\x15\x43lassifierParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x13\n\x11_holdout_accuracyB\x15\n\x13_no_match_thresholdB\x0e\n\x0c_min_inliers*[\n\x05Views\x12\x15\n\x11VIEWS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVIEWS_WHOLE\x10\x01\x12\x0f\n\x0bVIEWS_CROPS\x10\x02\x12\x19\n\x15VIEWS_CROPS_ROTATIONS\x10\x03*;\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\t\n\x05MATCH\x10\x01\x12\x0c\n\x08NO_MATCH\x10\x02\x32\x95\x02\n\x07Matcher\x12<\n\x05Match\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.MatchResponse\x12<\n\x05\x45mbed\x12\x18.matcher.v1.ImageRequest\x1a\x19.matcher.v1.EmbedResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.matcher.v1.GetModelInfoRequest\x1a\x15.matcher.v1.ModelInfo\x12\x46\n\x0cGetReference\x12\x1f.matcher.v1.GetReferenceRequest\x1a\x15.matcher.v1.Referenceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._loaded_options = None
   _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_VIEWS']._serialized_start=1376
-  _globals['_VIEWS']._serialized_end=1467
-  _globals['_VERDICT']._serialized_start=1469
-  _globals['_VERDICT']._serialized_end=1528
+  _globals['_VIEWS']._serialized_start=1602
+  _globals['_VIEWS']._serialized_end=1693
+  _globals['_VERDICT']._serialized_start=1695
+  _globals['_VERDICT']._serialized_end=1754
   _globals['_IMAGEREQUEST']._serialized_start=41
-  _globals['_IMAGEREQUEST']._serialized_end=175
-  _globals['_LABELSCORE']._serialized_start=177
-  _globals['_LABELSCORE']._serialized_end=301
-  _globals['_MODELIDENTITY']._serialized_start=303
-  _globals['_MODELIDENTITY']._serialized_end=386
-  _globals['_MATCHRESPONSE']._serialized_start=389
-  _globals['_MATCHRESPONSE']._serialized_end=601
-  _globals['_GETREFERENCEREQUEST']._serialized_start=603
-  _globals['_GETREFERENCEREQUEST']._serialized_end=646
-  _globals['_REFERENCE']._serialized_start=648
-  _globals['_REFERENCE']._serialized_end=731
-  _globals['_EMBEDRESPONSE']._serialized_start=733
-  _globals['_EMBEDRESPONSE']._serialized_end=808
-  _globals['_GETMODELINFOREQUEST']._serialized_start=810
-  _globals['_GETMODELINFOREQUEST']._serialized_end=831
-  _globals['_MODELINFO']._serialized_start=834
-  _globals['_MODELINFO']._serialized_end=1374
-  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_start=1275
-  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_end=1330
-  _globals['_MATCHER']._serialized_start=1531
-  _globals['_MATCHER']._serialized_end=1808
+  _globals['_IMAGEREQUEST']._serialized_end=217
+  _globals['_LABELSCORE']._serialized_start=220
+  _globals['_LABELSCORE']._serialized_end=409
+  _globals['_MODELIDENTITY']._serialized_start=411
+  _globals['_MODELIDENTITY']._serialized_end=494
+  _globals['_MATCHRESPONSE']._serialized_start=497
+  _globals['_MATCHRESPONSE']._serialized_end=785
+  _globals['_GETREFERENCEREQUEST']._serialized_start=787
+  _globals['_GETREFERENCEREQUEST']._serialized_end=830
+  _globals['_REFERENCE']._serialized_start=832
+  _globals['_REFERENCE']._serialized_end=915
+  _globals['_EMBEDRESPONSE']._serialized_start=917
+  _globals['_EMBEDRESPONSE']._serialized_end=992
+  _globals['_GETMODELINFOREQUEST']._serialized_start=994
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1015
+  _globals['_MODELINFO']._serialized_start=1018
+  _globals['_MODELINFO']._serialized_end=1600
+  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_start=1485
+  _globals['_MODELINFO_CLASSIFIERPARAMSENTRY']._serialized_end=1540
+  _globals['_MATCHER']._serialized_start=1757
+  _globals['_MATCHER']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

@@ -28,30 +28,36 @@ MATCH: Verdict
 NO_MATCH: Verdict
 
 class ImageRequest(_message.Message):
-    __slots__ = ("image", "top_k", "no_match_threshold", "views")
+    __slots__ = ("image", "top_k", "no_match_threshold", "views", "min_inliers")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     NO_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     no_match_threshold: float
     views: Views
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ...) -> None: ...
+    min_inliers: int
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ..., min_inliers: _Optional[int] = ...) -> None: ...
 
 class LabelScore(_message.Message):
-    __slots__ = ("label", "score", "reference_id", "similarity", "query_view")
+    __slots__ = ("label", "score", "reference_id", "similarity", "query_view", "inliers", "verified_reference_id")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     QUERY_VIEW_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     reference_id: str
     similarity: float
     query_view: str
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., reference_id: _Optional[str] = ..., similarity: _Optional[float] = ..., query_view: _Optional[str] = ...) -> None: ...
+    inliers: int
+    verified_reference_id: str
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., reference_id: _Optional[str] = ..., similarity: _Optional[float] = ..., query_view: _Optional[str] = ..., inliers: _Optional[int] = ..., verified_reference_id: _Optional[str] = ...) -> None: ...
 
 class ModelIdentity(_message.Message):
     __slots__ = ("backbone", "model_version", "classifier_sha256")
@@ -64,20 +70,24 @@ class ModelIdentity(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., model_version: _Optional[int] = ..., classifier_sha256: _Optional[str] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("matches", "model", "verdict", "verdict_score", "threshold", "views")
+    __slots__ = ("matches", "model", "verdict", "verdict_score", "threshold", "views", "inliers", "min_inliers")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     VERDICT_SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[LabelScore]
     model: ModelIdentity
     verdict: Verdict
     verdict_score: float
     threshold: float
     views: Views
-    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., verdict_score: _Optional[float] = ..., threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ...) -> None: ...
+    inliers: int
+    min_inliers: int
+    def __init__(self, matches: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., verdict_score: _Optional[float] = ..., threshold: _Optional[float] = ..., views: _Optional[_Union[Views, str]] = ..., inliers: _Optional[int] = ..., min_inliers: _Optional[int] = ...) -> None: ...
 
 class GetReferenceRequest(_message.Message):
     __slots__ = ("reference_id",)
@@ -110,7 +120,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold", "default_views", "engine", "precision")
+    __slots__ = ("labels", "backbone", "input_size", "feature_dim", "classifier_type", "classifier_params", "holdout_accuracy", "model", "feature_backend", "feature_layer", "reference_views", "no_match_threshold", "default_views", "engine", "precision", "min_inliers")
     class ClassifierParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +143,7 @@ class ModelInfo(_message.Message):
     DEFAULT_VIEWS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[str]
     backbone: str
     input_size: int
@@ -148,4 +159,5 @@ class ModelInfo(_message.Message):
     default_views: Views
     engine: str
     precision: str
-    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., default_views: _Optional[_Union[Views, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    min_inliers: int
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., backbone: _Optional[str] = ..., input_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., classifier_type: _Optional[str] = ..., classifier_params: _Optional[_Mapping[str, str]] = ..., holdout_accuracy: _Optional[float] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., feature_backend: _Optional[str] = ..., feature_layer: _Optional[str] = ..., reference_views: _Optional[int] = ..., no_match_threshold: _Optional[float] = ..., default_views: _Optional[_Union[Views, str]] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., min_inliers: _Optional[int] = ...) -> None: ...

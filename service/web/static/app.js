@@ -8,6 +8,14 @@ const TOKEN_KEY = "matcher.token";
 
 const state = { photo: null, answer: null, labels: [], feedback: false, objectUrls: [] };
 
+// What geometric verification found: how many keypoints of the photo one rotation, scale
+// and shift maps onto a catalogue photo, against the count that verifies an item.
+function geometry(answer) {
+  if (answer.inliers === undefined || answer.minInliers === undefined) return "";
+  const verified = answer.inliers >= answer.minInliers ? "verified" : "not verified";
+  return `; ${answer.inliers} keypoints agree (${answer.minInliers} verify): ${verified}`;
+}
+
 function headers() {
   const token = $("token").value.trim();
   return token ? { Authorization: `Bearer ${token}` } : {};
@@ -79,12 +87,14 @@ function renderVerdict(answer) {
     verdict.classList.add("no-match");
     $("verdict-detail").textContent =
       `Nothing in the catalogue is close enough: similarity ${answer.verdictScore.toFixed(3)} ` +
-      `is below ${answer.threshold.toFixed(3)}. The nearest items are listed for reference.`;
+      `is below ${answer.threshold.toFixed(3)}${geometry(answer)}. ` +
+      "The nearest items are listed for reference.";
   } else if (answer.verdict === "MATCH") {
     verdict.textContent = first.label;
     verdict.classList.add("match");
     $("verdict-detail").textContent =
-      `Match: similarity ${answer.verdictScore.toFixed(3)} (threshold ${answer.threshold.toFixed(3)})`;
+      `Match: similarity ${answer.verdictScore.toFixed(3)} (threshold ${answer.threshold.toFixed(3)})` +
+      geometry(answer);
   } else {
     verdict.textContent = first ? first.label : "";
     $("verdict-detail").textContent = "This classifier gives no verdict (it has no index).";
@@ -115,7 +125,9 @@ function renderMatches(answer) {
     const detail = document.createElement("div");
     detail.className = "quiet";
     const similarity = match.similarity === undefined ? "" : ` · similarity ${match.similarity.toFixed(3)}`;
-    detail.textContent = `${percent(match.score)}${similarity}` + (match.queryView ? ` · ${match.queryView}` : "");
+    const inliers = match.inliers === undefined ? "" : ` · ${match.inliers} keypoints agree`;
+    detail.textContent =
+      `${percent(match.score)}${similarity}${inliers}` + (match.queryView ? ` · ${match.queryView}` : "");
     const bar = document.createElement("div");
     bar.className = "bar";
     const fill = document.createElement("span");

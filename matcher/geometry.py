@@ -1,0 +1,270 @@
+"""Geometric verification: does a photo show the very item of a reference view?
+
+Pooled CNN features say what a photo *looks like*; two photos of different things of one kind
+(two cats, two cups) look alike to them, and an item small on clutter looks like the clutter.
+Local features say *which* thing: SIFT keypoints (OpenCV) of the photo are matched with those
+of a reference view (nearest descriptor, Lowe's ratio test, each reference keypoint used
+once), and a similarity transform (rotation, scale, shift: how a flat-ish item moves between
+two photos) is fitted to the matches by RANSAC. The matches it explains, the *inliers*, are
+the evidence: photos of the same item share tens of them at any angle, crop or background;
+unrelated photos share a handful by chance (docs/benchmarks.md, "Quality": on
+`bench.quality`'s photos at most 4 for all but 2 of 45 outside photos).
+
+This is the classic spatial verification of instance retrieval (Philbin et al., CVPR 2007),
+run only where it pays: the pooled features pick the candidates (the first `CANDIDATE_LABELS`
+labels, each through its `CANDIDATE_VIEWS` most similar views), and the keypoints only check
+them. A label with at least `MIN_INLIERS` inliers is *verified*.
+
+Training stores the keypoints of every catalogue photo (`KeypointStore`, `keypoints.npz` in
+the run folder: plain arrays, no pickle, listed in the manifest); the server computes the
+query's from the photo the graph decodes (`matcher.images.for_graph`'s bytes), so both sides
+see the same upright pixels. Photos are shrunk to at most `LOCAL_SIDE` pixels a side first:
+it bounds the time (about 20 ms a photo on one core) and the keypoints' scales alike.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from matcher.errors import ModelLoadError
+from matcher.images import decode_upright
+from matcher.index import CatalogueIndex
+from matcher.layout import photo_of
+
+#: Longest side photos are shrunk to before keypoints are found.
+LOCAL_SIDE = 640
+#: Keypoints kept of a catalogue photo (the strongest; 136 bytes each in the file) and of a
+#: query photo, which may be mostly clutter and needs more to keep enough on the item.
+REFERENCE_KEYPOINTS = 500
+QUERY_KEYPOINTS = 1000
+#: Lowe's ratio: a match counts when its nearest descriptor is clearly nearer than the next.
+RATIO = 0.8
+#: RANSAC's tolerance, in pixels of the shrunk photos.
+REPROJECTION_PX = 4.0
+#: A similarity transform scaling beyond these is no photo of the same item (and a fit that
+#: shrinks everything to a point explains any matches: it is refused).
+SCALES = (0.1, 10.0)
+#: Inliers that verify a label: unrelated photos reach about 4 by chance.
+MIN_INLIERS = 6
+#: Labels checked per query (first by the pooled features), and views checked per label (its
+#: most similar by the pooled features).
+CANDIDATE_LABELS = 5
+CANDIDATE_VIEWS = 4
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """A photo's keypoints: positions [K, 2] (float32 pixels) and SIFT descriptors [K, 128]
+    (uint8, as OpenCV computes them)."""
+
+    points: np.ndarray
+    descriptors: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.points)
+
+
+def _sift(count: int) -> Any:
+    import cv2
+
+    # OpenCV's defaults, with uint8 descriptors (what it computes, at a quarter of the bytes).
+    return cv2.SIFT.create(count, 3, 0.04, 10.0, 1.6, cv2.CV_8U)
+
+
+def local_features(data: bytes, count: int = QUERY_KEYPOINTS) -> LocalFeatures:
+    """The keypoints of an encoded photo (what `for_graph` gives the graph), at most
+    `LOCAL_SIDE` a side (blocking; InvalidImageError when it cannot be decoded)."""
+    photo = decode_upright(data, LOCAL_SIDE)
+    return features_of(photo, count)
+
+
+def features_of(photo: Image.Image, count: int) -> LocalFeatures:
+    """The keypoints of a decoded photo, shrunk to at most `LOCAL_SIDE` a side first."""
+    grey = photo.convert("L")
+    if max(grey.size) > LOCAL_SIDE:
+        grey.thumbnail((LOCAL_SIDE, LOCAL_SIDE), Image.Resampling.BILINEAR)
+    keypoints, descriptors = _sift(count).detectAndCompute(np.asarray(grey), None)
+    if descriptors is None:
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
+    points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
+    return LocalFeatures(points, np.asarray(descriptors, np.uint8))
+
+
+def _root_sift(descriptors: np.ndarray) -> np.ndarray:
+    """Hellinger-normalised descriptors (RootSIFT, Arandjelovic and Zisserman 2012): L2
+    distances between them compare histograms better than raw SIFT's."""
+    d = descriptors.astype(np.float32)
+    d /= d.sum(axis=1, keepdims=True) + np.float32(1e-7)
+    root: np.ndarray = np.sqrt(d)
+    return root
+
+
+def inliers(query: LocalFeatures, reference: LocalFeatures) -> int:
+    """The matches between two photos that one similarity transform explains (0 when too few
+    matches or no plausible transform): distinct query points, so repeated texture that maps
+    many points onto one counts once."""
+    import cv2
+
+    if query.size < 2 or reference.size < 2:
+        return 0
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(
+        _root_sift(query.descriptors), _root_sift(reference.descriptors), k=2
+    )
+    best: dict[int, tuple[float, int]] = {}  # reference keypoint -> (distance, query keypoint)
+    for pair in pairs:
+        if len(pair) == 2 and pair[0].distance < RATIO * pair[1].distance:
+            first = pair[0]
+            kept = best.get(first.trainIdx)
+            if kept is None or first.distance < kept[0]:
+                best[first.trainIdx] = (first.distance, first.queryIdx)
+    if len(best) < 3:
+        return 0
+    train = np.fromiter(best.keys(), dtype=np.int64)
+    source = query.points[[q for _, q in best.values()]]
+    target = reference.points[train]
+    transform, mask = cv2.estimateAffinePartial2D(
+        source,
+        target,
+        method=cv2.RANSAC,
+        ransacReprojThreshold=REPROJECTION_PX,
+        maxIters=2000,
+        confidence=0.995,
+        refineIters=10,
+    )
+    if transform is None or mask is None:
+        return 0
+    scale = float(np.sqrt(abs(np.linalg.det(transform[:, :2]))))
+    if not SCALES[0] <= scale <= SCALES[1]:
+        return 0
+    kept_points = source[mask.ravel().astype(bool)]
+    return len(np.unique(np.round(kept_points).astype(np.int32), axis=0))
+
+
+def verify_labels(
+    local: LocalFeatures,
+    views: np.ndarray,
+    columns: Iterable[int],
+    index: CatalogueIndex,
+    store: KeypointStore,
+    cache: dict[str, int] | None = None,
+) -> dict[int, tuple[int, str]]:
+    """For each label column: the most inliers `local` (the query's keypoints) has on one of
+    the label's `CANDIDATE_VIEWS` catalogue photos most similar to any of `views` (the query's
+    backbone features [V, D]), and that photo's id ("" when none has keypoints). `cache`
+    keeps counts by photo id across calls for the same query."""
+    found: dict[int, tuple[int, str]] = {}
+    for column in columns:
+        photos: list[str] = []
+        for row in index.views_by_similarity(views, column):
+            photo = photo_of(index.ids[row])
+            if photo not in photos and photo in store:
+                photos.append(photo)
+                if len(photos) == CANDIDATE_VIEWS:
+                    break
+        counts = []
+        for photo in photos:
+            if cache is None or photo not in cache:
+                count = inliers(local, store[photo])
+                if cache is None:
+                    counts.append((count, photo))
+                    continue
+                cache[photo] = count
+            counts.append((cache[photo], photo))
+        found[column] = max(counts, default=(0, ""))
+    return found
+
+
+class KeypointStore:
+    """The keypoints of every catalogue photo, by reference id (its quarter turns share them:
+    SIFT does not care which way up a photo is)."""
+
+    def __init__(
+        self, ids: Sequence[str], offsets: np.ndarray, points: np.ndarray, descriptors: np.ndarray
+    ) -> None:
+        offsets = np.asarray(offsets, np.int64)
+        if (
+            len(offsets) != len(ids) + 1
+            or offsets[0] != 0
+            or np.any(np.diff(offsets) < 0)
+            or offsets[-1] != len(points)
+            or points.shape[1:] != (2,)
+            or descriptors.shape != (len(points), 128)
+        ):
+            raise ValueError("keypoint arrays do not fit together")
+        self.ids = [str(i) for i in ids]
+        self._row = {reference: row for row, reference in enumerate(self.ids)}
+        self._offsets = offsets
+        self._points = np.asarray(points, np.float32)
+        self._descriptors = np.asarray(descriptors, np.uint8)
+
+    @classmethod
+    def of(cls, features: Iterable[tuple[str, LocalFeatures]]) -> KeypointStore:
+        ids: list[str] = []
+        points: list[np.ndarray] = []
+        descriptors: list[np.ndarray] = []
+        for reference, found in features:
+            ids.append(reference)
+            points.append(found.points)
+            descriptors.append(found.descriptors)
+        offsets = np.cumsum([0, *(len(p) for p in points)])
+        return cls(
+            ids,
+            offsets,
+            np.concatenate(points) if points else np.zeros((0, 2), np.float32),
+            np.concatenate(descriptors) if descriptors else np.zeros((0, 128), np.uint8),
+        )
+
+    def __contains__(self, reference_id: str) -> bool:
+        return reference_id in self._row
+
+    def __getitem__(self, reference_id: str) -> LocalFeatures:
+        row = self._row[reference_id]
+        start, end = self._offsets[row], self._offsets[row + 1]
+        return LocalFeatures(self._points[start:end], self._descriptors[start:end])
+
+    @property
+    def size(self) -> int:
+        """Keypoints over all photos."""
+        return len(self._points)
+
+    def merged(self, other: KeypointStore) -> KeypointStore:
+        """This store and `other`'s photos (an id in both keeps `other`'s keypoints)."""
+        mine = [(i, self[i]) for i in self.ids if i not in other]
+        return KeypointStore.of([*mine, *((i, other[i]) for i in other.ids)])
+
+    def without(self, keep: Callable[[str], bool]) -> KeypointStore:
+        """The photos whose id `keep` accepts."""
+        return KeypointStore.of((i, self[i]) for i in self.ids if keep(i))
+
+    def save(self, path: Path) -> None:
+        """A plain `.npz` (written under another name, then renamed)."""
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(
+            tmp,
+            ids=np.asarray(self.ids, dtype=str),
+            offsets=self._offsets,
+            points=self._points,
+            descriptors=self._descriptors,
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> KeypointStore:
+        """Read a keypoint file's bytes (already verified by the caller); never unpickles."""
+        import zipfile
+
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return cls(
+                    list(arrays["ids"]), arrays["offsets"], arrays["points"], arrays["descriptors"]
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelLoadError(f"keypoints {where} are not readable: {exc}") from exc

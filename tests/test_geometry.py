@@ -1,0 +1,193 @@
+"""Geometric verification (`matcher.geometry`): keypoints of real photos, the inlier count that
+tells the same item from another, the keypoint file, and the verdict it gives when served."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from matcher.errors import ModelLoadError
+from matcher.factory import make_core
+from matcher.geometry import (
+    MIN_INLIERS,
+    KeypointStore,
+    LocalFeatures,
+    inliers,
+    local_features,
+)
+from matcher.layout import KEYPOINTS_FILE
+from tests.conftest import outside_queries, query_images
+
+
+def _jpeg(image: Image.Image, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+def _on_clutter(item: Image.Image, angle: float) -> Image.Image:
+    """`item` at a third of a frame of real texture, turned by `angle`."""
+    from skimage import data
+
+    frame = Image.fromarray(data.brick()).convert("RGB").resize((480, 480))
+    small = item.resize((160, 160)).convert("RGBA").rotate(angle, expand=True)
+    frame.paste(small, (200, 120), small)
+    return frame
+
+
+def test_the_same_photo_turned_cropped_or_on_clutter_has_many_inliers(astronaut) -> None:
+    reference = local_features(_jpeg(astronaut), 500)
+    field = {
+        "turned 37 degrees": astronaut.rotate(37, expand=True),
+        "turned 180 degrees": astronaut.rotate(180),
+        "a 55 % crop": astronaut.crop((60, 40, 440, 420)),
+        "small on clutter, turned": _on_clutter(astronaut, 120),
+    }
+    counts = {
+        name: inliers(local_features(_jpeg(photo)), reference) for name, photo in field.items()
+    }
+    print(counts)
+    assert all(count >= 3 * MIN_INLIERS for count in counts.values()), counts
+
+
+def test_other_photos_stay_below_the_count_that_verifies(astronaut) -> None:
+    from skimage import data
+
+    reference = local_features(_jpeg(astronaut), 500)
+    others = {
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "rocket": data.rocket(),
+        "brick": data.brick(),  # repeated texture: many similar keypoints
+        "text": data.text(),
+    }
+    counts = {
+        name: inliers(local_features(_jpeg(Image.fromarray(photo))), reference)
+        for name, photo in others.items()
+    }
+    print(counts)
+    assert all(count < MIN_INLIERS for count in counts.values()), counts
+
+
+def test_a_photo_without_texture_has_no_keypoints_and_no_inliers() -> None:
+    plain = local_features(_jpeg(Image.new("RGB", (320, 240), (120, 130, 140))))
+    assert plain.size == 0 and plain.descriptors.shape == (0, 128)
+    assert inliers(plain, plain) == 0
+
+
+def test_the_store_round_trips_and_edits(tmp_path: Path, astronaut) -> None:
+    first = local_features(_jpeg(astronaut), 200)
+    second = local_features(_jpeg(astronaut.rotate(90)), 200)
+    store = KeypointStore.of([("a/1.jpg", first), ("b/2.jpg", second)])
+    store.save(tmp_path / KEYPOINTS_FILE)
+    loaded = KeypointStore.from_bytes((tmp_path / KEYPOINTS_FILE).read_bytes(), "test")
+    assert loaded.ids == ["a/1.jpg", "b/2.jpg"] and loaded.size == first.size + second.size
+    assert np.array_equal(loaded["b/2.jpg"].descriptors, second.descriptors)
+    assert np.array_equal(loaded["a/1.jpg"].points, first.points)
+    smaller = loaded.without(lambda photo: not photo.startswith("a/"))
+    assert smaller.ids == ["b/2.jpg"] and "a/1.jpg" not in smaller
+    grown = smaller.merged(KeypointStore.of([("c/3.jpg", first)]))
+    assert grown.ids == ["b/2.jpg", "c/3.jpg"]
+
+
+def test_a_keypoint_file_that_does_not_fit_together_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(
+        path,
+        ids=np.asarray(["a/1.jpg"]),
+        offsets=np.asarray([0, 5]),
+        points=np.zeros((3, 2), np.float32),  # 5 promised
+        descriptors=np.zeros((3, 128), np.uint8),
+    )
+    with pytest.raises(ModelLoadError, match=r"keypoints .* are not readable"):
+        KeypointStore.from_bytes(path.read_bytes(), str(path))
+    # An object array would need pickle to read: refused, never unpickled.
+    np.savez(path, ids=np.asarray([object()], dtype=object))
+    with pytest.raises(ModelLoadError):
+        KeypointStore.from_bytes(path.read_bytes(), str(path))
+
+
+def test_training_stores_every_photos_keypoints_and_records_the_rule(trained) -> None:
+    run = trained.classifier_path.parent
+    rule = trained.report["verification"]
+    assert (run / KEYPOINTS_FILE).is_file() and rule["file"] == KEYPOINTS_FILE
+    assert rule["min_inliers"] == MIN_INLIERS
+    assert rule["photos"] == trained.report["index"]["photos"]
+    for mode, found in rule["views"].items():
+        # Calibrated like the similarity threshold: <= 2 % of correct matches refused.
+        assert found["false_reject_rate"] <= 0.02, mode
+        assert 0.0 < found["verified_share"] <= 1.0 and -1.0 <= found["threshold"] <= 1.0
+
+
+async def test_a_field_photo_of_an_item_is_verified_and_an_outside_one_is_not(
+    settings, embedded_backend, demo, trained
+) -> None:
+    core = make_core(settings, embedded_backend)
+    core.load()
+    label, path = query_images(demo)[0]
+    photo = Image.open(path)
+    turned = _jpeg(photo.rotate(150, expand=True))
+    try:
+        answer = await core.match(turned, 3)
+        outside = [await core.match(p.read_bytes(), 3) for p in outside_queries(demo)]
+        off = await core.match(turned, 3, min_inliers=0)
+    finally:
+        await core.close()
+    assert answer.verdict is not None and answer.verdict.verified and answer.verdict.matched
+    first = answer.matches[0]
+    assert first.label == label and first.inliers is not None and first.inliers >= MIN_INLIERS
+    assert first.verified_reference_id.startswith(f"{label}/")
+    assert answer.verdict.min_inliers == MIN_INLIERS
+    assert answer.verdict.threshold == pytest.approx(
+        trained.report["verification"]["views"]["whole"]["threshold"]
+    )
+    counts = [a.verdict.inliers for a in outside if a.verdict is not None]
+    print("outside photos' inliers:", counts)
+    assert len(counts) == len(outside) and all(count < MIN_INLIERS for count in counts)
+    for found in outside:
+        assert found.verdict is not None
+        assert found.verdict.matched == (found.verdict.score >= found.verdict.threshold)
+    # min_inliers=0: similarity alone, against the similarity threshold of the views mode.
+    assert off.verdict is not None and off.verdict.inliers is None
+    assert all(m.inliers is None for m in off.matches)
+    assert off.verdict.threshold == pytest.approx(trained.report["no_match"]["threshold"])
+
+
+async def test_a_keypoint_file_changed_on_disk_is_refused(
+    settings, embedded_backend, trained, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained.classifier_path.parent, run)
+    data = bytearray((run / KEYPOINTS_FILE).read_bytes())
+    data[-100] ^= 0xFF
+    (run / KEYPOINTS_FILE).write_bytes(bytes(data))
+    core = make_core(
+        settings.model_copy(update={"classifier": run / trained.classifier_path.name}),
+        embedded_backend,
+    )
+    with pytest.raises(ModelLoadError, match=KEYPOINTS_FILE):
+        core.load()
+
+
+def test_a_negative_min_inliers_setting_is_refused(settings) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_inliers"):
+        type(settings)(**(settings.model_dump() | {"min_inliers": -1}))
+
+
+def test_local_features_of_an_empty_result_are_well_formed() -> None:
+    empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
+    assert KeypointStore.of([("x/1.jpg", empty)])["x/1.jpg"].size == 0
