@@ -178,7 +178,8 @@ def verify_labels(
                     continue
                 cache[photo] = count
             counts.append((cache[photo], photo))
-        found[column] = max(counts, default=(0, ""))
+        best = max(counts, default=(0, ""))
+        found[column] = best if best[0] else (0, "")  # no inlier: on no photo in particular
     return found
 
 

@@ -238,6 +238,18 @@ def test_each_views_mode_and_the_confusable_items_are_tabulated(full_report, tra
         assert 0 <= row["field_accuracy"] < 1
 
 
+def test_geometric_verification_is_tabulated_per_views_mode(full_report, trained) -> None:
+    _, _, page = full_report
+    rule = trained.report["verification"]
+    rows = page.tables["verification"]["body"]
+    assert [row[0] for row in rows] == list(rule["views"])
+    assert [row[1] for row in rows] == [
+        f"{100 * found['verified_share']:.1f} %" for found in rule["views"].values()
+    ]
+    assert [row[2] for row in rows] == [f"{f['threshold']:.4f}" for f in rule["views"].values()]
+    assert f"a label with {rule['min_inliers']} inliers is verified" in page.all_text
+
+
 def test_no_baselines_table_without_baselines(full_report, trained) -> None:
     _, _, page = full_report
     assert "baselines" not in trained.report

@@ -759,6 +759,42 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
         text
         + _figure(picture, "False rejects and false accepts against the threshold")
         + ("<p>Each views mode of a request has its own threshold:</p>" + table if by_views else "")
+        + _verification_html(report)
+    )
+
+
+def _verification_html(report: dict[str, Any]) -> str:
+    """What geometric verification (`matcher.geometry`) measured, per views mode."""
+    rule = report.get("verification")
+    if not rule:
+        return _note("No keypoints in this run: answers are judged on similarity alone.")
+    table = _table(
+        "verification",
+        [
+            "Views",
+            "Verified by geometry",
+            "Rescue threshold",
+            "False rejects",
+            "Outside let through",
+        ],
+        [
+            (
+                mode,
+                f"{100 * found['verified_share']:.1f} %",
+                f"{found['threshold']:.4f}",
+                f"{100 * found['false_reject_rate']:.1f} %",
+                "-"
+                if found["false_accept_rate"] is None
+                else f"{100 * found['false_accept_rate']:.1f} %",
+            )
+            for mode, found in (rule.get("views") or {}).items()
+        ],
+    )
+    return (
+        f"<p>Geometric verification: {rule['keypoints']} keypoints of {rule['photos']} photos; "
+        f"a label with {rule['min_inliers']} inliers is verified and ranks first. Correct "
+        "held-out and field matches verified by geometry alone, and the similarity that "
+        "matches the others (the rescue threshold):</p>" + table
     )
 
 
