@@ -37,8 +37,10 @@ from matcher.domain import (
 from matcher.errors import InvalidImageError, InvalidRequestError, ModelLoadError, NotReadyError
 from matcher.geometry import (
     CANDIDATE_LABELS,
+    KEYPOINT_WORKERS,
     LOCAL_SIDE,
     LocalFeatures,
+    answering,
     local_features,
     verify_labels,
 )
@@ -95,11 +97,11 @@ class _Checked:
     #: Inliers and the reference id they are on, by label column, for the labels checked.
     found: dict[int, tuple[int, str]]
     min_inliers: int
+    #: The verified label columns that may answer, most inliers first (`answering`).
+    answering: list[int]
 
     def verified(self) -> list[int]:
-        """The verified label columns, most inliers first."""
-        kept = [c for c, (count, _) in self.found.items() if count >= self.min_inliers]
-        return sorted(kept, key=lambda c: -self.found[c][0])
+        return self.answering
 
 
 class MatcherCore:
@@ -132,6 +134,9 @@ class MatcherCore:
         # The served pair as one reference, replaced whole, so that readers outside a batch
         # (GetModelInfo) never see half a swap.
         self._pair: tuple[BackboneInfo, Classifier] | None = None
+        # Finding keypoints holds ~80 MB (SIFT's doubled pyramid of a 640-pixel photo): at most
+        # KEYPOINT_WORKERS at once, however many requests are in flight.
+        self._keypoint_slots = asyncio.Semaphore(KEYPOINT_WORKERS)
         # One worker-thread call per batch does both models: features and probabilities.
         self.batcher = DynamicBatcher(self._answer_batch, batching or BatchingOptions())
 
@@ -359,9 +364,13 @@ class MatcherCore:
             if not keypoints:
                 return await self.batcher.features_of_views(views), None
             answers, local = await asyncio.gather(
-                self.batcher.features_of_views(views), asyncio.to_thread(_keypoints_of, image)
+                self.batcher.features_of_views(views), self._keypoints(image)
             )
         return answers, local
+
+    async def _keypoints(self, image: bytes) -> LocalFeatures | None:
+        async with self._keypoint_slots:
+            return await asyncio.to_thread(_keypoints_of, image)
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
         """Blocking: features of a batch, then the classifier's scores for all of it."""
@@ -463,7 +472,8 @@ def _verify(
     first = np.argsort(-merged.probabilities, kind="stable")[:CANDIDATE_LABELS].tolist()
     features = np.stack([answer.features for answer in answers])
     found = verify_labels(local, features, first, catalogue.index, catalogue.verification.keypoints)
-    return _Checked(found, min_inliers)
+    similarity = merged.nearest[0] if merged.nearest is not None else merged.probabilities
+    return _Checked(found, min_inliers, answering(found, similarity, min_inliers))
 
 
 def _keypoints_of(image: bytes) -> LocalFeatures | None:

@@ -13,7 +13,8 @@ unrelated photos share a handful by chance (docs/benchmarks.md, "Quality": on
 This is the classic spatial verification of instance retrieval (Philbin et al., CVPR 2007),
 run only where it pays: the pooled features pick the candidates (the first `CANDIDATE_LABELS`
 labels, each through its `CANDIDATE_VIEWS` most similar views), and the keypoints only check
-them. A label with at least `MIN_INLIERS` inliers is *verified*.
+them. A label with at least `MIN_INLIERS` inliers is *verified*, and answers when its
+similarity is also within `PROMOTION_MARGIN` of the best label's (`answering`).
 
 Training stores the keypoints of every catalogue photo (`KeypointStore`, `keypoints.npz` in
 the run folder: plain arrays, no pickle, listed in the manifest); the server computes the
@@ -44,6 +45,9 @@ LOCAL_SIDE = 640
 #: query photo, which may be mostly clutter and needs more to keep enough on the item.
 REFERENCE_KEYPOINTS = 500
 QUERY_KEYPOINTS = 1000
+#: Photos whose keypoints a server finds at once: SIFT holds ~80 MB for a 640-pixel photo
+#: (its pyramid starts at twice the size), so this bounds that memory (tests/test_memory.py).
+KEYPOINT_WORKERS = 2
 #: Lowe's ratio: a match counts when its nearest descriptor is clearly nearer than the next.
 RATIO = 0.8
 #: RANSAC's tolerance, in pixels of the shrunk photos.
@@ -57,6 +61,12 @@ MIN_INLIERS = 6
 #: most similar by the pooled features).
 CANDIDATE_LABELS = 5
 CANDIDATE_VIEWS = 4
+#: A verified label answers (ranks first) only when its similarity comes within this of the
+#: best label's: keypoints a photo shares with the *background* of a catalogue photo (one table,
+#: one wall texture) verify a label that looks nothing like the photo. On the demo, whose views
+#: share background textures, a logo photo had 14 inliers on a flower photo's background at
+#: similarity 0.20, against 0.75 for the logo.
+PROMOTION_MARGIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,20 @@ def verify_labels(
         best = max(counts, default=(0, ""))
         found[column] = best if best[0] else (0, "")  # no inlier: on no photo in particular
     return found
+
+
+def answering(
+    found: dict[int, tuple[int, str]], similarity: np.ndarray, min_inliers: int
+) -> list[int]:
+    """The verified label columns that may answer, most inliers first: at least `min_inliers`
+    inliers and a similarity (`similarity` [L]) within `PROMOTION_MARGIN` of the best label's."""
+    floor = float(np.max(similarity)) - PROMOTION_MARGIN
+    kept = [
+        column
+        for column, (count, _) in found.items()
+        if count >= min_inliers and similarity[column] >= floor
+    ]
+    return sorted(kept, key=lambda column: -found[column][0])
 
 
 class KeypointStore:

@@ -45,8 +45,8 @@ class BackendSettings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
         description="openvino engine: compute in float32, or bfloat16 (only on a CPU with "
-        "AVX512_BF16 or AMX; refused elsewhere); `auto` takes bf16 where the CPU has it. "
-        "Features are float32 either way.",
+        "AVX512_BF16 or AMX; refused elsewhere; it misses the 0.999 accuracy guard, so it "
+        "runs only by name); `auto` is float32. Features are float32 either way.",
     )
     engine_threads: int | None = Field(
         None,

@@ -175,13 +175,15 @@ def calibrate_views(
     for mode in modes:
         views = len(PLANS[mode])
         every = np.concatenate([as_taken, field, beyond])[:, :views]
-        nearest, order = _best(every, seen, score, matcher)
+        nearest, order, by_label = _best(every, seen, score, matcher)
         inside = len(as_taken) + len(field)
         truths = np.concatenate([truth, field_truth])
         rescue = None
         first = order[:inside, 0]
         if local is not None and keypoints is not None:
-            checked = check_photos(local, every, order, seen, keypoints, min_inliers, caches)
+            checked = check_photos(
+                local, every, order, by_label, seen, keypoints, min_inliers, caches
+            )
             first = checked.first[:inside]
             right = names[first] == truths
             rescue = calibrate_rescue(
@@ -207,11 +209,13 @@ def calibrate_views(
 
 def _best(
     photos: np.ndarray, seen: CatalogueIndex, score: Scorer, matcher: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each photo's nearest-view similarity over all its views, and its label columns ranked
-    [N, L], its views merged as the server merges a request's (`merge_views`)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each photo's nearest-view similarity over all its views, its label columns ranked
+    [N, L], its views merged as the server merges a request's (`merge_views`), and each
+    label's similarity over its views [N, L]."""
+    labels = len(seen.labels)
     if len(photos) == 0:
-        return np.zeros(0), np.zeros((0, len(seen.labels)), dtype=np.int64)
+        return np.zeros(0), np.zeros((0, labels), dtype=np.int64), np.zeros((0, labels))
     count, views, dim = photos.shape
     stacked = np.ascontiguousarray(photos).reshape(count * views, dim)
     similarity = seen.search(stacked).similarity.reshape(count, views, -1)
@@ -220,4 +224,4 @@ def _best(
         np.argsort(-merge_views(matcher, s, n), kind="stable")
         for s, n in zip(scores, similarity, strict=True)
     ]
-    return similarity.max(axis=(1, 2)), np.array(order, dtype=np.int64)
+    return similarity.max(axis=(1, 2)), np.array(order, dtype=np.int64), similarity.max(axis=1)

@@ -28,6 +28,7 @@ from matcher.geometry import (
     REFERENCE_KEYPOINTS,
     KeypointStore,
     LocalFeatures,
+    answering,
     local_features,
     verify_labels,
 )
@@ -79,24 +80,25 @@ def check_photos(
     local: Sequence[LocalFeatures],
     views: np.ndarray,
     order: np.ndarray,
+    similarity: np.ndarray,
     seen: CatalogueIndex,
     store: KeypointStore,
     min_inliers: int,
     caches: Sequence[dict[str, int]],
 ) -> Checked:
     """Each photo's answer: its first `CANDIDATE_LABELS` of `order` [N, L] checked on their
-    views in `seen` closest to the photo's `views` [N, V, D]; `caches` (one per photo) keep
-    the inliers of a photo pair across the modes."""
+    views in `seen` closest to the photo's `views` [N, V, D], a verified label answering as
+    the server lets it (`answering`, on each label's `similarity` [N, L]); `caches` (one per
+    photo) keep the inliers of a photo pair across the modes."""
     first = order[:, 0].copy()
     verified = np.zeros(len(order), bool)
     most = np.zeros(len(order), np.int64)
     for i, (features, columns) in enumerate(zip(views, order[:, :CANDIDATE_LABELS], strict=True)):
         found = verify_labels(local[i], features, columns.tolist(), seen, store, caches[i])
-        counts = {column: count for column, (count, _) in found.items()}
-        best = max(counts, key=lambda c: counts[c])
-        most[i] = counts[best]
-        if counts[best] >= min_inliers:
-            first[i], verified[i] = best, True
+        most[i] = max(count for count, _ in found.values())
+        answers = answering(found, similarity[i], min_inliers)
+        if answers:
+            first[i], verified[i] = answers[0], True
     return Checked(first, verified, most)
 
 
