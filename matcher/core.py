@@ -100,9 +100,6 @@ class _Checked:
     #: The verified label columns that may answer, most inliers first (`answering`).
     answering: list[int]
 
-    def verified(self) -> list[int]:
-        return self.answering
-
 
 class MatcherCore:
     """Matches images against the catalogue once `load` has succeeded."""
@@ -249,7 +246,7 @@ class MatcherCore:
             if threshold is None:
                 return None
             score = float(merged.nearest[0].max())
-            verified = checked.verified()
+            verified = checked.answering
             count = checked.found[verified[0]][0] if verified else _most_inliers(checked)
             matched = bool(verified) or score >= threshold
             return Verdict(matched, score, threshold, count, checked.min_inliers)
@@ -439,7 +436,7 @@ def _ranked(merged: _Merged, top_k: int, checked: _Checked | None = None) -> lis
     # Stable sort so that equal scores keep the classifier's label order.
     order = np.argsort(-merged.probabilities, kind="stable").tolist()
     if checked is not None:  # verified labels first, most inliers first
-        verified = checked.verified()
+        verified = checked.answering
         order = verified + [i for i in order if i not in verified]
     if top_k:
         order = order[:top_k]

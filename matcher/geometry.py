@@ -170,6 +170,7 @@ def verify_labels(
     the label's `CANDIDATE_VIEWS` catalogue photos most similar to any of `views` (the query's
     backbone features [V, D]), and that photo's id ("" when none has keypoints). `cache`
     keeps counts by photo id across calls for the same query."""
+    cache = {} if cache is None else cache
     found: dict[int, tuple[int, str]] = {}
     for column in columns:
         photos: list[str] = []
@@ -179,16 +180,10 @@ def verify_labels(
                 photos.append(photo)
                 if len(photos) == CANDIDATE_VIEWS:
                     break
-        counts = []
         for photo in photos:
-            if cache is None or photo not in cache:
-                count = inliers(local, store[photo])
-                if cache is None:
-                    counts.append((count, photo))
-                    continue
-                cache[photo] = count
-            counts.append((cache[photo], photo))
-        best = max(counts, default=(0, ""))
+            if photo not in cache:
+                cache[photo] = inliers(local, store[photo])
+        best = max(((cache[photo], photo) for photo in photos), default=(0, ""))
         found[column] = best if best[0] else (0, "")  # no inlier: on no photo in particular
     return found
 
