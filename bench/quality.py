@@ -101,6 +101,7 @@ async def _evaluate_mode(
 ) -> Any:
     hits: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)  # top-1, top-5, refused
     verified: list[bool] = []
+    answers: list[dict[str, Any]] = []  # every query's answer, to read which photos fail
     latency: list[float] = []
     threshold = None
     todo = [(kind, path, label) for kind, found in queries.items() for path, label in found]
@@ -115,6 +116,7 @@ async def _evaluate_mode(
             verified.append(result.verdict is not None and result.verdict.verified)
         threshold = result.verdict.threshold if result.verdict else None
         hits[kind].append((names[0] == label, label in names, refused))
+        answers.append(_answer(kind, path, label, result, refused))
     catalogue = [hit for kind, found in hits.items() if kind != "outside" for hit in found]
     correct = [hit for hit in catalogue if hit[0]]
     latency.sort()
@@ -133,6 +135,25 @@ async def _evaluate_mode(
         },
         "queries": len(catalogue),
         "outside": len(hits.get("outside", [])),
+        "answers": answers,
+    }
+
+
+def _answer(kind: str, path: Path, label: str, result: Any, refused: bool) -> dict[str, Any]:
+    """One query's answer as the JSON records it: its first labels with their similarity and
+    inliers, and the verdict."""
+    verdict = result.verdict
+    return {
+        "kind": kind,
+        "photo": path.name,
+        "label": label,
+        "refused": refused,
+        "score": None if verdict is None else round(verdict.score, 4),
+        "verified": verdict is not None and verdict.verified,
+        "ranked": [
+            [m.label, None if m.similarity is None else round(m.similarity, 4), m.inliers]
+            for m in result.matches
+        ],
     }
 
 

@@ -41,6 +41,7 @@ from matcher.geometry import (
     LOCAL_SIDE,
     LocalFeatures,
     answering,
+    leading,
     local_features,
     verify_labels,
 )
@@ -99,6 +100,8 @@ class _Checked:
     min_inliers: int
     #: The verified label columns that may answer, most inliers first (`answering`).
     answering: list[int]
+    #: The label column geometry ranks first, verified or not (`leading`); None: none.
+    leading: int | None
 
 
 class MatcherCore:
@@ -436,8 +439,8 @@ def _ranked(merged: _Merged, top_k: int, checked: _Checked | None = None) -> lis
     # Stable sort so that equal scores keep the classifier's label order.
     order = np.argsort(-merged.probabilities, kind="stable").tolist()
     if checked is not None:  # verified labels first, most inliers first
-        verified = checked.answering
-        order = verified + [i for i in order if i not in verified]
+        first = checked.answering or ([] if checked.leading is None else [checked.leading])
+        order = first + [i for i in order if i not in first]
     if top_k:
         order = order[:top_k]
     labels = merged.whole.classifier.labels
@@ -470,7 +473,12 @@ def _verify(
     features = np.stack([answer.features for answer in answers])
     found = verify_labels(local, features, first, catalogue.index, catalogue.verification.keypoints)
     similarity = merged.nearest[0] if merged.nearest is not None else merged.probabilities
-    return _Checked(found, min_inliers, answering(found, similarity, min_inliers))
+    return _Checked(
+        found,
+        min_inliers,
+        answering(found, similarity, min_inliers),
+        leading(found, similarity, min_inliers),
+    )
 
 
 def _keypoints_of(image: bytes) -> LocalFeatures | None:

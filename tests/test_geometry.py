@@ -14,10 +14,14 @@ from PIL import Image
 from matcher.errors import ModelLoadError
 from matcher.factory import make_core
 from matcher.geometry import (
+    LEANING_INLIERS,
     MIN_INLIERS,
+    PROMOTION_MARGIN,
     KeypointStore,
     LocalFeatures,
+    answering,
     inliers,
+    leading,
     local_features,
 )
 from matcher.layout import KEYPOINTS_FILE
@@ -79,6 +83,47 @@ def test_other_photos_stay_below_the_count_that_verifies(astronaut) -> None:
     }
     print(counts)
     assert all(count < MIN_INLIERS for count in counts.values()), counts
+
+
+def test_mirrored_keypoints_are_what_sift_finds_on_the_mirrored_photo(astronaut) -> None:
+    photo = local_features(_jpeg(astronaut), 500)
+    mirror = local_features(_jpeg(astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), 500)
+    derived = photo.mirrored()
+    # Pair each keypoint with SIFT's on the mirrored photo at the mirrored place.
+    width = astronaut.width
+    errors = []
+    for point, descriptor in zip(derived.points, derived.descriptors, strict=True):
+        place = np.array([width - 1 + point[0], point[1]])  # derived x is -x
+        distance = np.linalg.norm(mirror.points - place, axis=1)
+        if distance.min() < 0.5:
+            found = mirror.descriptors[distance.argmin()].astype(float)
+            errors.append(np.linalg.norm(descriptor - found) / np.linalg.norm(found))
+    assert len(errors) > 100
+    assert float(np.median(errors)) < 0.15, np.median(errors)
+    # A mirrored catalogue photo: SIFT alone finds almost nothing; the mirrored keypoints do.
+    field = local_features(_jpeg(_on_clutter(astronaut, 30)))
+    assert inliers(field, mirror) < MIN_INLIERS
+    assert inliers(field.mirrored(), mirror) >= 3 * MIN_INLIERS
+
+
+def test_geometry_ranks_a_verified_label_first_else_one_it_clearly_leans_to() -> None:
+    similarity = np.array([0.50, 0.48, 0.40, 0.10])
+
+    def found(*counts: int) -> dict[int, tuple[int, str]]:
+        return {column: (count, f"{column}/a.jpg") for column, count in enumerate(counts)}
+
+    # Verified: most inliers first, among labels near the best similarity.
+    verified = found(2, MIN_INLIERS + 3, MIN_INLIERS + 9, 40)
+    assert answering(verified, similarity, MIN_INLIERS) == [2, 1]  # column 3 is too far off
+    assert leading(verified, similarity, MIN_INLIERS) == 2
+    # None verified: a label with LEANING_INLIERS and strictly more than the others leads.
+    assert leading(found(2, LEANING_INLIERS, 3, 0), similarity, MIN_INLIERS) == 1
+    assert answering(found(2, LEANING_INLIERS, 3, 0), similarity, MIN_INLIERS) == []
+    # A tie, chance-level counts, or a label far below the best similarity: no lean.
+    assert leading(found(2, LEANING_INLIERS, LEANING_INLIERS, 0), similarity, MIN_INLIERS) is None
+    assert leading(found(3, LEANING_INLIERS - 1, 2, 0), similarity, MIN_INLIERS) is None
+    far = np.array([0.50, 0.50 - PROMOTION_MARGIN - 0.01, 0.3, 0.1])
+    assert leading(found(2, LEANING_INLIERS + 1, 2, 0), far, MIN_INLIERS) is None
 
 
 def test_a_photo_without_texture_has_no_keypoints_and_no_inliers() -> None:
