@@ -745,7 +745,8 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
             (
                 mode,
                 views.get(mode, {}).get("views_per_photo", ""),
-                f"{found['threshold']:.4f}",
+                f"{found['threshold']:.4f}"
+                + (" (set by the outside photos)" if found.get("set_by_outside") else ""),
                 f"{100 * found['false_reject_rate']:.1f} %",
                 "-"
                 if found["false_accept_rate"] is None
@@ -781,7 +782,8 @@ def _verification_html(report: dict[str, Any]) -> str:
             (
                 mode,
                 f"{100 * found['verified_share']:.1f} %",
-                f"{found['threshold']:.4f}",
+                f"{found['threshold']:.4f}"
+                + (" (set by the outside photos)" if found.get("set_by_outside") else ""),
                 f"{100 * found['false_reject_rate']:.1f} %",
                 "-"
                 if found["false_accept_rate"] is None

@@ -7,11 +7,16 @@ the GIL, so the images of a batch decode in parallel.
 
 Precision: float32 unless asked for bfloat16 and the CPU computes it natively (OpenVINO lists
 "BF16" in the CPU's OPTIMIZATION_CAPABILITIES on AVX512_BF16 or AMX); elsewhere bf16 is refused
-at load rather than emulated slowly. Features are float32 either way. `auto` is float32: on an
-AVX512_BF16 CPU (2026-12-02) OpenVINO's bf16 gave a minimum cosine of 0.983 against
-`serving_default` on the package photos, below the 0.999 guard (tests/test_engines.py); keeping
-early layers in float32 through the nodes' `disable_fp16_compression` runtime info changed
-nothing. So bf16 runs only when asked for by name, with a warning.
+at load rather than emulated slowly. Features are float32 either way. OpenVINO's bf16 of the
+whole network misses the accuracy guard (min cosine 0.983 against `serving_default` on the
+package photos, tests/test_engines.py), and marking nodes with `disable_fp16_compression`
+runtime info changed nothing for convolutions, so bf16 here is *mixed*: the network is cut
+before its `FP32_CONVOLUTIONS`-th convolution, the head compiled in f32 and the tail in bf16,
+each image run through both (`bench.openvino_bf16` measures every cut: the error is spread over
+the network, worst on low-contrast photos such as microaneurysms.png, and 16 float32
+convolutions are the fewest that keep the guard there). `auto` is float32: the mixed network
+gains 1.2-1.4x on a 2-core AVX512_BF16 EPYC, with a margin over the guard too thin to make it
+the default.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ BF16 = "bf16"
 #: `--precision`: auto is fp32 (bf16 misses the accuracy guard, see above); bf16 by name only.
 PRECISIONS = ("auto", FP32, BF16)
 _HINT = {FP32: "f32", BF16: "bf16"}
+#: Convolutions (in graph order) that stay float32 in a bf16 network (`split_network`): the
+#: fewest that keep Lite0's features within the accuracy guard (`bench.openvino_bf16`).
+FP32_CONVOLUTIONS = 16
+_CONVOLUTIONS = ("Convolution", "GroupConvolution")
 #: Images per inference. OpenVINO keeps the activations of the largest batch it has run:
 #: Lite0 at batch 32 held 333 MB more than at batch 1, at batch 4 about 40 MB, and on 2 cores
 #: batch 4 ran as fast as any (81, 94, 91, 87 img/s at 1, 4, 8, 32). A server batch of 32
@@ -78,11 +87,6 @@ def resolve_precision(requested: str) -> str:
             "precision bf16 needs a CPU with AVX512_BF16 or AMX, and OpenVINO finds neither "
             "here; use --precision fp32 (or auto)"
         )
-    if requested == BF16:
-        log.warning(
-            "precision bf16: OpenVINO's bf16 features differ from fp32's beyond the accuracy "
-            "guard (min cosine 0.983 < 0.999 on package photos); answers may change"
-        )
     return requested
 
 
@@ -103,6 +107,8 @@ class OpenVinoRunner:
             )
         self.precision = resolve_precision(precision)
         self.input_size = input_size
+        #: Convolutions computed in float32 before the bf16 rest (0 in fp32: all of them).
+        self.fp32_convolutions = 0
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINT[self.precision],
             # One request at a time, each using every core: a batch is one request.
@@ -112,10 +118,15 @@ class OpenVinoRunner:
             # Fewer than the machine's cores: a Ray actor given some of a node's CPUs.
             config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self._compiled = _core().compile_model(str(path), "CPU", config)
-        except RuntimeError as exc:
+            if self.precision == BF16:  # a float32 head, then the rest in bfloat16
+                head, tail, self.fp32_convolutions = split_network(path, FP32_CONVOLUTIONS)
+                stages = [(head, {**config, "INFERENCE_PRECISION_HINT": "f32"}), (tail, config)]
+            else:
+                stages = [(str(path), config)]
+            compiled = [_core().compile_model(model, "CPU", cfg) for model, cfg in stages]
+        except (RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
-        self._request = self._compiled.create_infer_request()
+        self._requests = [model.create_infer_request() for model in compiled]
         # An infer request runs one inference at a time; callers may share the runner.
         self._lock = threading.Lock()
 
@@ -135,12 +146,41 @@ class OpenVinoRunner:
         outputs = []
         with self._lock:
             for start in range(0, len(pixels), INFER_BATCH):
-                self._request.infer([pixels[start : start + INFER_BATCH]])
-                outputs.append(np.array(self._request.get_output_tensor(0).data, np.float32))
+                data: Any = pixels[start : start + INFER_BATCH]
+                for request in self._requests:  # one, or a float32 head and a bf16 tail
+                    request.infer([data])
+                    data = request.get_output_tensor(0).data
+                outputs.append(np.array(data, np.float32))
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
 
     def features(self, images: Sequence[bytes]) -> np.ndarray:
         return self.run(self.pixels(images))
+
+
+def split_network(path: Path, convolutions: int) -> tuple[Any, Any, int]:
+    """The OpenVINO model at `path` cut before its `convolutions`-th convolution, or the first
+    after it where the cut is clean (no tensor from before it used after it, as a residual
+    connection would be): the head (pixels in, that convolution's input out), the tail (that
+    in, the features out) and the convolutions the head holds. ValueError when no cut is."""
+    import openvino as ov
+
+    count = sum(
+        op.get_type_name() in _CONVOLUTIONS for op in _core().read_model(str(path)).get_ops()
+    )
+    for cut in range(max(1, convolutions), count):
+        model = _core().read_model(str(path))  # a failed cut leaves its model rewired
+        found = [op for op in model.get_ordered_ops() if op.get_type_name() in _CONVOLUTIONS]
+        tensor = found[cut].input_value(0)
+        head = ov.Model([tensor], model.get_parameters(), "float32 head")
+        middle = ov.opset13.parameter(tensor.get_partial_shape(), tensor.get_element_type())
+        for consumer in list(tensor.get_target_inputs()):
+            if consumer.get_node().get_type_name() != "Result":  # the head's output stays
+                consumer.replace_source_output(middle.output(0))
+        try:
+            return head, ov.Model(model.get_results(), [middle], "bfloat16 tail"), cut
+        except RuntimeError:  # an earlier tensor is needed after the cut: try the next one
+            continue
+    raise ValueError(f"no clean cut from convolution {convolutions} of {count}")
 
 
 @functools.cache
