@@ -125,6 +125,7 @@ bench: export demo
 	$(PY) -m bench.engines --model-dir $(MODEL_DIR) --classifier $(CLASSIFIER) \
 		--model-dir $(BENCH_MODELS)/fp32/inception_v3 --json build/bench-engines.json
 	$(PY) -m bench.precision --json build/bench-precision.json
+	$(PY) -m bench.openvino_bf16 --model-dir $(MODEL_DIR) --json build/bench-openvino-bf16.json || [ $$? -eq 2 ]  # 2: no bf16 CPU
 	$(PY) -m bench.no_match --model-dir $(MODEL_DIR) --json build/bench-no-match.json
 	$(PY) -m bench.quality --model-dir $(MODEL_DIR) --engine-agreement --json build/bench-quality.json
 	$(PY) -m bench.phone_photos --json build/bench-phone-photos.json
