@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def package_photos() -> list[Path]:
-    """The accuracy guard's photos (tests/test_engines.py): scikit-image's and scikit-learn's."""
+    """The accuracy guard's photos (tests/test_engines.py uses these): real photos shipped in
+    packages, scikit-image's (PNG and JPEG) and scikit-learn's."""
     import skimage
     import sklearn.datasets
 

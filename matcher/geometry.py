@@ -243,7 +243,7 @@ def leading(
     if verified:
         return verified[0]
     counts = sorted(((count, column) for column, (count, _) in found.items()), reverse=True)
-    if not counts or counts[0][0] < min(LEANING_INLIERS, min_inliers):
+    if not counts or counts[0][0] < LEANING_INLIERS:
         return None
     if len(counts) > 1 and counts[1][0] == counts[0][0]:
         return None

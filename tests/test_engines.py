@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage
-import sklearn.datasets
 from PIL import Image
 from skimage import data as skimage_data
 
+from bench.openvino_bf16 import package_photos
 from matcher.backends import openvino_engine
 from matcher.backends.embedded import EmbeddedBackend
 from matcher.classifier import Classifier
@@ -31,14 +30,6 @@ from tests.conftest import outside_queries, query_images
 ROOT = Path(__file__).resolve().parent.parent
 #: The guard's bound, per image (issue 12).
 MIN_COSINE = 0.999
-
-
-def package_photos() -> list[Path]:
-    """Real photos shipped in packages: scikit-image's (PNG and JPEG) and scikit-learn's."""
-    skimage_dir = Path(skimage.data_dir)
-    sklearn_dir = Path(sklearn.datasets.__file__).parent / "images"
-    photos = [*skimage_dir.glob("*.png"), *skimage_dir.glob("*.jpg"), *sklearn_dir.glob("*.jpg")]
-    return sorted(photos)
 
 
 @pytest.fixture(scope="module")
