@@ -745,8 +745,7 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
             (
                 mode,
                 views.get(mode, {}).get("views_per_photo", ""),
-                f"{found['threshold']:.4f}"
-                + (" (set by the outside photos)" if found.get("set_by_outside") else ""),
+                f"{found['threshold']:.4f}",
                 f"{100 * found['false_reject_rate']:.1f} %",
                 "-"
                 if found["false_accept_rate"] is None
