@@ -39,8 +39,12 @@ from matcher.geometry import (
     CANDIDATE_LABELS,
     KEYPOINT_WORKERS,
     LOCAL_SIDE,
+    Box,
+    Focus,
     LocalFeatures,
     answering,
+    focus_decode_side,
+    focused_features,
     leading,
     local_features,
     verify_labels,
@@ -209,11 +213,19 @@ class MatcherCore:
         # Not loaded yet: `_input_side` says so before any work.
         side = self._input_side()
         required = self._required_inliers(min_inliers)
-        answers, local = await self._answers(image, mode, side, keypoints=bool(required))
+        answers, local, image = await self._answers(image, mode, side, keypoints=bool(required))
         merged = _merge(answers, PLANS[mode])
         checked = None
         if local is not None and required:
-            checked = await asyncio.to_thread(_verify, merged, answers, local, required)
+            cache: dict[str, int] = {}  # inliers by catalogue photo, kept for a closer look
+            checked = await asyncio.to_thread(_verify, merged, answers, local, required, cache)
+            focus = None
+            if checked is not None and not checked.answering:  # look closer (`Focus`)
+                focus = await self._focus(image, merged, mode)
+            if focus is not None:
+                checked = await asyncio.to_thread(
+                    _verify, merged, answers, local, required, cache, focus
+                )
         ranked = _ranked(merged, top_k, checked)
         verdict = self._verdict(merged, mode, no_match_threshold, checked)
         return MatchResult(ranked, merged.whole.model, verdict, mode)
@@ -281,7 +293,7 @@ class MatcherCore:
 
     async def embed(self, image: bytes) -> EmbedResult:
         """The bottleneck feature vector of one image (the whole photo)."""
-        (answer,), _ = await self._answers(image, "whole", self._input_side())
+        (answer,), _, _ = await self._answers(image, "whole", self._input_side())
         return EmbedResult(answer.features, answer.model)
 
     def identity(self) -> ModelIdentity:
@@ -344,10 +356,10 @@ class MatcherCore:
 
     async def _answers(
         self, image: bytes, mode: str, input_side: int, keypoints: bool = False
-    ) -> tuple[list[_Answer], LocalFeatures | None]:
+    ) -> tuple[list[_Answer], LocalFeatures | None, bytes]:
         """The answers for each view of one image, computed in one batch (with concurrent
-        requests' views), and, with `keypoints`, the photo's local features, found while the
-        model works."""
+        requests' views), with `keypoints` the photo's local features, found while the model
+        works, and the bytes the graph decoded (`for_graph`'s)."""
         header = inspect_image(image, self._limits)
         budget = self.pixel_budget
         # Held through every decode the request causes, until its answer.
@@ -362,15 +374,31 @@ class MatcherCore:
             if mode != "whole":  # a decode, crops and encodes: off the event loop too
                 views = await asyncio.to_thread(render_views, image, mode, input_side)
             if not keypoints:
-                return await self.batcher.features_of_views(views), None
+                return await self.batcher.features_of_views(views), None, image
             answers, local = await asyncio.gather(
                 self.batcher.features_of_views(views), self._keypoints(image)
             )
-        return answers, local
+        return answers, local, image
 
     async def _keypoints(self, image: bytes) -> LocalFeatures | None:
         async with self._keypoint_slots:
             return await asyncio.to_thread(_keypoints_of, image)
+
+    async def _focus(self, image: bytes, merged: _Merged, mode: str) -> Focus | None:
+        """The keypoints of the crop view the first label was found in (`Focus`); None when
+        that was the whole photo (or a turn of it)."""
+        if merged.nearest is None:
+            return None
+        first = int(np.argsort(-merged.probabilities, kind="stable")[0])
+        view = next(v for v in PLANS[mode] if v.name == merged.nearest[2][first])
+        if not view.is_crop:
+            return None
+        budget = self.pixel_budget
+        pixels = inspect_image(image, self._limits).decode_pixels(focus_decode_side(view.box))
+        held = budget.hold(pixels) if budget else contextlib.nullcontext()
+        async with held, self._keypoint_slots:
+            local = await asyncio.to_thread(_focused_of, image, view.box)
+        return None if local is None else Focus(view.name, local)
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
         """Blocking: features of a batch, then the classifier's scores for all of it."""
@@ -463,7 +491,12 @@ def _ranked(merged: _Merged, top_k: int, checked: _Checked | None = None) -> lis
 
 
 def _verify(
-    merged: _Merged, answers: Sequence[_Answer], local: LocalFeatures, min_inliers: int
+    merged: _Merged,
+    answers: Sequence[_Answer],
+    local: LocalFeatures,
+    min_inliers: int,
+    cache: dict[str, int],
+    focus: Focus | None = None,
 ) -> _Checked | None:
     """Blocking: the inliers of the first `CANDIDATE_LABELS` labels (`verify_labels`)."""
     catalogue = merged.whole.classifier.catalogue
@@ -471,7 +504,8 @@ def _verify(
         return None
     first = np.argsort(-merged.probabilities, kind="stable")[:CANDIDATE_LABELS].tolist()
     features = np.stack([answer.features for answer in answers])
-    found = verify_labels(local, features, first, catalogue.index, catalogue.verification.keypoints)
+    store = catalogue.verification.keypoints
+    found = verify_labels(local, features, first, catalogue.index, store, cache, focus)
     similarity = merged.nearest[0] if merged.nearest is not None else merged.probabilities
     return _Checked(
         found,
@@ -486,6 +520,14 @@ def _keypoints_of(image: bytes) -> LocalFeatures | None:
     runs beside this one, then answers for the request (one error, whichever came first)."""
     try:
         return local_features(image)
+    except InvalidImageError:
+        return None
+
+
+def _focused_of(image: bytes, box: Box) -> LocalFeatures | None:
+    """A region's keypoints (`focused_features`), or None when Pillow cannot decode it."""
+    try:
+        return focused_features(image, box)
     except InvalidImageError:
         return None
 

@@ -67,6 +67,12 @@ class QueryView:
     def is_whole(self) -> bool:
         return self.box == (0.0, 0.0, 1.0, 1.0) and self.turn == 0
 
+    @property
+    def is_crop(self) -> bool:
+        """A part of the photo (turned or not), where geometry can look closer
+        (`matcher.geometry.Focus`)."""
+        return self.box != (0.0, 0.0, 1.0, 1.0)
+
 
 WHOLE = QueryView("whole")
 _CROPS = tuple(

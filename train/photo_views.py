@@ -39,7 +39,13 @@ from matcher.index import CatalogueIndex
 from matcher.layout import TURN_MARK
 from matcher.views import PLANS, TURNED, QueryView, render
 from train.field_photos import PER_PHOTO, field_versions
-from train.verification import RescueCalibration, calibrate_rescue, check_photos, photo_keypoints
+from train.verification import (
+    FocusedKeypoints,
+    RescueCalibration,
+    calibrate_rescue,
+    check_photos,
+    photo_keypoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +177,28 @@ def calibrate_views(
         photos = [*_read(paths), *field_versions(paths), *_read(outside)]
         local = photo_keypoints(photos, len(photos), QUERY_KEYPOINTS, progress, "photo keypoints")
         caches: list[dict[str, int]] = [{} for _ in photos]
+        focused = FocusedKeypoints(photos, widest, progress)
     found = {}
     for mode in modes:
         views = len(PLANS[mode])
         every = np.concatenate([as_taken, field, beyond])[:, :views]
-        nearest, order, by_label = _best(every, seen, score, matcher)
+        nearest, order, by_label, best_view = _best(every, seen, score, matcher)
         inside = len(as_taken) + len(field)
         truths = np.concatenate([truth, field_truth])
         rescue = None
         first = order[:inside, 0]
         if local is not None and keypoints is not None:
             checked = check_photos(
-                local, every, order, by_label, seen, keypoints, min_inliers, caches
+                local,
+                every,
+                order,
+                by_label,
+                seen,
+                keypoints,
+                min_inliers,
+                caches,
+                best_view,
+                focused,
             )
             first = checked.first[:inside]
             right = names[first] == truths
@@ -209,13 +225,14 @@ def calibrate_views(
 
 def _best(
     photos: np.ndarray, seen: CatalogueIndex, score: Scorer, matcher: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each photo's nearest-view similarity over all its views, its label columns ranked
-    [N, L], its views merged as the server merges a request's (`merge_views`), and each
-    label's similarity over its views [N, L]."""
+    [N, L], its views merged as the server merges a request's (`merge_views`), each label's
+    similarity over its views [N, L], and the view it came from [N, L]."""
     labels = len(seen.labels)
     if len(photos) == 0:
-        return np.zeros(0), np.zeros((0, labels), dtype=np.int64), np.zeros((0, labels))
+        none = np.zeros((0, labels), dtype=np.int64)
+        return np.zeros(0), none, np.zeros((0, labels)), none
     count, views, dim = photos.shape
     stacked = np.ascontiguousarray(photos).reshape(count * views, dim)
     similarity = seen.search(stacked).similarity.reshape(count, views, -1)
@@ -224,4 +241,9 @@ def _best(
         np.argsort(-merge_views(matcher, s, n), kind="stable")
         for s, n in zip(scores, similarity, strict=True)
     ]
-    return similarity.max(axis=(1, 2)), np.array(order, dtype=np.int64), similarity.max(axis=1)
+    return (
+        similarity.max(axis=(1, 2)),
+        np.array(order, dtype=np.int64),
+        similarity.max(axis=1),
+        similarity.argmax(axis=1),
+    )

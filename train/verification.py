@@ -27,14 +27,17 @@ from tqdm import tqdm
 from matcher.geometry import (
     CANDIDATE_LABELS,
     REFERENCE_KEYPOINTS,
+    Focus,
     KeypointStore,
     LocalFeatures,
     answering,
+    focused_features,
     leading,
     local_features,
     verify_labels,
 )
 from matcher.index import CatalogueIndex
+from matcher.views import QueryView
 
 #: Threads finding keypoints (OpenCV releases the GIL while it works).
 JOBS = 2
@@ -82,6 +85,41 @@ class Checked:
     inliers: np.ndarray
 
 
+class FocusedKeypoints:
+    """The keypoints of crop views of photos (`matcher.geometry.Focus`), found when first
+    asked for and kept across the views modes calibrated (their plans nest)."""
+
+    def __init__(
+        self, photos: Sequence[bytes], plan: Sequence[QueryView], progress: bool = False
+    ) -> None:
+        self._photos = photos
+        self._plan = plan
+        self._progress = progress
+        self._found: dict[tuple[int, int], Focus] = {}
+
+    def wants(self, view: int) -> bool:
+        """Whether the view (an index of the plan) is one geometry looks closer at."""
+        return self._plan[view].is_crop
+
+    def find(self, wanted: Iterable[tuple[int, int]]) -> None:
+        """Find the keypoints of these (photo, view) pairs (threads, with a progress bar)."""
+        todo = [pair for pair in dict.fromkeys(wanted) if pair not in self._found]
+        quiet = not self._progress or not todo
+        with ThreadPoolExecutor(JOBS) as pool:
+            found = pool.map(self._focus, todo)
+            bar = tqdm(found, total=len(todo), desc="closer looks", unit="view", disable=quiet)
+            self._found.update(zip(todo, bar, strict=True))
+
+    def _focus(self, pair: tuple[int, int]) -> Focus:
+        photo, view = pair
+        return Focus(
+            self._plan[view].name, focused_features(self._photos[photo], self._plan[view].box)
+        )
+
+    def __getitem__(self, pair: tuple[int, int]) -> Focus:
+        return self._found[pair]
+
+
 def check_photos(
     local: Sequence[LocalFeatures],
     views: np.ndarray,
@@ -91,21 +129,39 @@ def check_photos(
     store: KeypointStore,
     min_inliers: int,
     caches: Sequence[dict[str, int]],
+    best_view: np.ndarray | None = None,
+    focused: FocusedKeypoints | None = None,
 ) -> Checked:
     """Each photo's answer: its first `CANDIDATE_LABELS` of `order` [N, L] checked on their
     views in `seen` closest to the photo's `views` [N, V, D], a verified label answering as
     the server lets it (`answering`, on each label's `similarity` [N, L]); `caches` (one per
-    photo) keep the inliers of a photo pair across the modes."""
+    photo) keep the inliers of a photo pair across the modes. With `best_view` (each label's
+    view of the photo most similar to it [N, L]) and `focused`, a photo nothing verified is
+    looked at closer, as the server does: in the crop view its first label was found in."""
     first = order[:, 0].copy()
     verified = np.zeros(len(order), bool)
     most = np.zeros(len(order), np.int64)
-    for i, (features, columns) in enumerate(zip(views, order[:, :CANDIDATE_LABELS], strict=True)):
-        found = verify_labels(local[i], features, columns.tolist(), seen, store, caches[i])
+    candidates = order[:, :CANDIDATE_LABELS]
+
+    def check(i: int, focus: Focus | None = None) -> None:
+        columns = candidates[i].tolist()
+        found = verify_labels(local[i], views[i], columns, seen, store, caches[i], focus)
         most[i] = max(count for count, _ in found.values())
         first_column = leading(found, similarity[i], min_inliers)
-        if first_column is not None:
-            first[i] = first_column
+        first[i] = order[i, 0] if first_column is None else first_column
         verified[i] = bool(answering(found, similarity[i], min_inliers))
+
+    for i in range(len(order)):
+        check(i)
+    if best_view is not None and focused is not None:
+        closer = [
+            (i, int(best_view[i, order[i, 0]]))
+            for i in np.flatnonzero(~verified).tolist()
+            if focused.wants(int(best_view[i, order[i, 0]]))
+        ]
+        focused.find(closer)
+        for pair in closer:
+            check(pair[0], focused[pair])
     return Checked(first, verified, most)
 
 
