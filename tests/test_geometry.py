@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import matcher.core
 from matcher.errors import ModelLoadError
 from matcher.factory import make_core
 from matcher.geometry import (
@@ -20,11 +21,15 @@ from matcher.geometry import (
     KeypointStore,
     LocalFeatures,
     answering,
+    focus_decode_side,
+    focused_features,
     inliers,
     leading,
     local_features,
 )
+from matcher.images import decode_upright
 from matcher.layout import KEYPOINTS_FILE
+from matcher.views import PLANS
 from tests.conftest import outside_queries, query_images
 
 
@@ -104,6 +109,60 @@ def test_mirrored_keypoints_are_what_sift_finds_on_the_mirrored_photo(astronaut)
     field = local_features(_jpeg(_on_clutter(astronaut, 30)))
     assert inliers(field, mirror) < MIN_INLIERS
     assert inliers(field.mirrored(), mirror) >= 3 * MIN_INLIERS
+
+
+def _small_on_texture(
+    item: Image.Image,
+    share: float,
+    side: int = 448,
+    textures: tuple[str, ...] = ("brick", "gravel", "grass", "brick"),
+) -> Image.Image:
+    """`item` `share` of a frame's width, near its top left, on four real photos of
+    scikit-image's (`textures`): clutter that takes most of the photo's keypoints."""
+    from skimage import data
+
+    frame = Image.new("RGB", (side, side))
+    half = side // 2
+    for i, texture in enumerate(getattr(data, name)() for name in textures):
+        tile = Image.fromarray(texture).convert("RGB").resize((half, half))
+        frame.paste(tile, ((i % 2) * half, (i // 2) * half))
+    width = int(side * share)
+    frame.paste(item.resize((width, width * item.height // item.width)), (side // 10, side // 7))
+    return frame
+
+
+def test_a_closer_look_verifies_an_item_small_on_clutter_and_nothing_else() -> None:
+    from skimage import data
+
+    box = (0.0, 0.0, 0.4, 0.4)  # the crop view that holds the item (matcher.views' first)
+    others = [data.hubble_deep_field(), data.coffee(), data.camera()]
+    strangers = [local_features(_jpeg(Image.fromarray(o).convert("RGB")), 500) for o in others]
+    for name in ("chelsea", "rocket"):
+        item = Image.fromarray(getattr(data, name)())
+        reference = local_features(_jpeg(item), 500)
+        photo = _jpeg(_small_on_texture(item, 0.2))
+        whole = inliers(local_features(photo), reference)
+        closer = focused_features(photo, box)
+        print(name, "whole photo", whole, "closer", inliers(closer, reference))
+        assert whole < MIN_INLIERS  # a fifth of the frame wide: too few of its keypoints
+        assert inliers(closer, reference) >= 2 * MIN_INLIERS
+        for stranger in strangers:
+            chance = max(inliers(closer, stranger), inliers(closer.mirrored(), stranger))
+            assert chance < MIN_INLIERS, (name, chance)
+
+
+def test_a_closer_look_at_a_large_photo_decodes_only_what_its_region_needs() -> None:
+    from skimage import data
+
+    assert focus_decode_side((0.0, 0.0, 1.0, 1.0)) == 640
+    assert focus_decode_side((0.3, 0.3, 0.7, 0.7)) == 1600  # 0.4 of 1,600 is 640
+    item = Image.fromarray(data.chelsea())
+    reference = local_features(_jpeg(item), 500)
+    # A 4,000-pixel photo: JPEG's reduced scale decodes it at 2,000 (the least that keeps
+    # 1,600), which gives the region 800 pixels (shrunk to 640) and the item its keypoints.
+    photo = _jpeg(_small_on_texture(item, 0.2, side=4000))
+    assert decode_upright(photo, focus_decode_side((0.0, 0.0, 0.4, 0.4))).size == (2000, 2000)
+    assert inliers(focused_features(photo, (0.0, 0.0, 0.4, 0.4)), reference) >= 2 * MIN_INLIERS
 
 
 def test_geometry_ranks_a_verified_label_first_else_one_it_clearly_leans_to() -> None:
@@ -208,6 +267,43 @@ async def test_a_field_photo_of_an_item_is_verified_and_an_outside_one_is_not(
     assert off.verdict is not None and off.verdict.inliers is None
     assert all(m.inliers is None for m in off.matches)
     assert off.verdict.threshold == pytest.approx(trained.report["no_match"]["threshold"])
+
+
+async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothing(
+    settings, embedded_backend, demo, trained, monkeypatch
+) -> None:
+    from skimage import data
+
+    looked: list[tuple[float, float, float, float]] = []
+    real = matcher.core.focused_features
+
+    def spied(image: bytes, box: tuple[float, float, float, float]) -> LocalFeatures:
+        looked.append(box)
+        return real(image, box)
+
+    monkeypatch.setattr(matcher.core, "focused_features", spied)
+    _, path = query_images(demo)[0]
+    # The demo's cat, 15 % of the frame wide on textures: too small for the whole photo's
+    # keypoints (they verify nothing of it), found by the crop view that holds it.
+    small = _jpeg(_small_on_texture(Image.fromarray(data.chelsea()), 0.15))
+    core = make_core(settings, embedded_backend)
+    core.load()
+    try:
+        plain = await core.match(path.read_bytes(), 3, views="crops")
+        assert plain.verdict is not None and plain.verdict.verified and looked == []
+        answer = await core.match(small, 3, views="crops")
+        store = core.read_classifier().catalogue.verification.keypoints
+    finally:
+        await core.close()
+    first = answer.matches[0]
+    print("answer:", first, "looked at", looked)
+    view = next(v for v in PLANS["crops"] if v.name == first.query_view)
+    assert looked == [view.box] and view.box == (0.0, 0.0, 0.4, 0.4)
+    assert first.label == "chelsea" and answer.verdict is not None and answer.verdict.verified
+    assert first.inliers is not None and first.inliers >= 3 * MIN_INLIERS
+    whole = local_features(small)
+    reference = store[first.verified_reference_id]
+    assert max(inliers(whole, reference), inliers(whole.mirrored(), reference)) < MIN_INLIERS
 
 
 async def test_a_keypoint_file_changed_on_disk_is_refused(
