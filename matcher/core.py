@@ -37,6 +37,7 @@ from matcher.domain import (
 from matcher.errors import InvalidImageError, InvalidRequestError, ModelLoadError, NotReadyError
 from matcher.geometry import (
     CANDIDATE_LABELS,
+    FOCUS_MAX_PIXELS,
     KEYPOINT_WORKERS,
     LOCAL_SIDE,
     Box,
@@ -44,6 +45,7 @@ from matcher.geometry import (
     LocalFeatures,
     answering,
     focus_decode_side,
+    focus_held_pixels,
     focused_features,
     leading,
     local_features,
@@ -394,7 +396,10 @@ class MatcherCore:
         if not view.is_crop:
             return None
         budget = self.pixel_budget
-        pixels = inspect_image(image, self._limits).decode_pixels(focus_decode_side(view.box))
+        decoded = inspect_image(image, self._limits).decode_pixels(focus_decode_side(view.box))
+        if decoded > FOCUS_MAX_PIXELS:
+            return None
+        pixels = focus_held_pixels(decoded, view.box)
         held = budget.hold(pixels) if budget else contextlib.nullcontext()
         async with held, self._keypoint_slots:
             local = await asyncio.to_thread(_focused_of, image, view.box)

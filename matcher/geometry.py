@@ -156,6 +156,19 @@ def focus_decode_side(box: Box) -> int:
     return math.ceil(round(LOCAL_SIDE / share, 6))  # 0.7 - 0.3 is not quite 0.4
 
 
+#: The most pixels a closer look decodes: a phone's JPEG of any size decodes at a reduced
+#: scale well under it (48 megapixels -> 3); a huge PNG or TIFF, which decodes whole, is not
+#: looked at closer (its memory, beside the decodes every request makes, broke the server's
+#: bound in tests/test_memory.py).
+FOCUS_MAX_PIXELS = 4_000_000
+
+
+def focus_held_pixels(decoded: int, box: Box) -> int:
+    """The RGB pixels `focused_features` holds at once for a photo decoded at `decoded`
+    pixels: the decode and, beside it for a moment, its cut region."""
+    return decoded + math.ceil(decoded * (box[2] - box[0]) * (box[3] - box[1]))
+
+
 def focused_features(data: bytes, box: Box, count: int = QUERY_KEYPOINTS) -> LocalFeatures:
     """The keypoints of one region of an encoded photo, enlarged (or shrunk) to `LOCAL_SIDE`
     a side: an item that fills the region is then found at SIFT's scales as a catalogue photo
@@ -164,8 +177,10 @@ def focused_features(data: bytes, box: Box, count: int = QUERY_KEYPOINTS) -> Loc
     width, height = photo.size
     left, top, right, bottom = box
     cut = (round(left * width), round(top * height), round(right * width), round(bottom * height))
-    grey = photo.crop(cut).convert("L")
-    del photo  # a large photo's decode is not held through SIFT
+    part = photo.crop(cut)
+    del photo  # a large photo's decode is not held through the rest
+    grey = part.convert("L")
+    del part
     scale = LOCAL_SIDE / max(grey.size)
     size = (max(1, round(grey.size[0] * scale)), max(1, round(grey.size[1] * scale)))
     return _keypoints_of_grey(grey.resize(size, Image.Resampling.BICUBIC), count)

@@ -26,16 +26,19 @@ from tqdm import tqdm
 
 from matcher.geometry import (
     CANDIDATE_LABELS,
+    FOCUS_MAX_PIXELS,
     REFERENCE_KEYPOINTS,
     Focus,
     KeypointStore,
     LocalFeatures,
     answering,
+    focus_decode_side,
     focused_features,
     leading,
     local_features,
     verify_labels,
 )
+from matcher.images import ImageLimits, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.views import QueryView
 
@@ -97,9 +100,14 @@ class FocusedKeypoints:
         self._progress = progress
         self._found: dict[tuple[int, int], Focus] = {}
 
-    def wants(self, view: int) -> bool:
-        """Whether the view (an index of the plan) is one geometry looks closer at."""
-        return self._plan[view].is_crop
+    def wants(self, photo: int, view: int) -> bool:
+        """Whether geometry looks closer at this view (an index of the plan) of this photo, as
+        the server would: a crop, of a photo that decodes for it within FOCUS_MAX_PIXELS."""
+        box = self._plan[view].box
+        if not self._plan[view].is_crop:
+            return False
+        header = inspect_image(self._photos[photo], ImageLimits())
+        return header.decode_pixels(focus_decode_side(box)) <= FOCUS_MAX_PIXELS
 
     def find(self, wanted: Iterable[tuple[int, int]]) -> None:
         """Find the keypoints of these (photo, view) pairs (threads, with a progress bar)."""
@@ -157,7 +165,7 @@ def check_photos(
         closer = [
             (i, int(best_view[i, order[i, 0]]))
             for i in np.flatnonzero(~verified).tolist()
-            if focused.wants(int(best_view[i, order[i, 0]]))
+            if focused.wants(i, int(best_view[i, order[i, 0]]))
         ]
         focused.find(closer)
         for pair in closer:
