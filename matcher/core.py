@@ -37,14 +37,13 @@ from matcher.domain import (
 from matcher.errors import InvalidImageError, InvalidRequestError, ModelLoadError, NotReadyError
 from matcher.geometry import (
     CANDIDATE_LABELS,
-    FOCUS_MAX_PIXELS,
     KEYPOINT_WORKERS,
     LOCAL_SIDE,
     Box,
     Focus,
     LocalFeatures,
     answering,
-    focus_decode_side,
+    focus_decode_pixels,
     focus_held_pixels,
     focused_features,
     leading,
@@ -391,14 +390,14 @@ class MatcherCore:
         that was the whole photo (or a turn of it)."""
         if merged.nearest is None:
             return None
-        first = int(np.argsort(-merged.probabilities, kind="stable")[0])
+        first = int(np.argmax(merged.probabilities))  # `_verify`'s first candidate (ties too)
         view = next(v for v in PLANS[mode] if v.name == merged.nearest[2][first])
         if not view.is_crop:
             return None
-        budget = self.pixel_budget
-        decoded = inspect_image(image, self._limits).decode_pixels(focus_decode_side(view.box))
-        if decoded > FOCUS_MAX_PIXELS:
+        decoded = focus_decode_pixels(inspect_image(image, self._limits), view.box)
+        if decoded is None:
             return None
+        budget = self.pixel_budget
         pixels = focus_held_pixels(decoded, view.box)
         held = budget.hold(pixels) if budget else contextlib.nullcontext()
         async with held, self._keypoint_slots:

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from matcher.errors import ModelLoadError
-from matcher.images import decode_upright
+from matcher.images import ImageHeader, decode_upright
 from matcher.index import CatalogueIndex
 from matcher.layout import photo_of
 
@@ -163,6 +163,14 @@ def focus_decode_side(box: Box) -> int:
 FOCUS_MAX_PIXELS = 4_000_000
 
 
+def focus_decode_pixels(header: ImageHeader, box: Box) -> int | None:
+    """The pixels a closer look at `box` of this photo decodes, or None when that is beyond
+    `FOCUS_MAX_PIXELS` and the photo is not looked at closer (the server and training ask
+    the same question here)."""
+    decoded = header.decode_pixels(focus_decode_side(box))
+    return decoded if decoded <= FOCUS_MAX_PIXELS else None
+
+
 def focus_held_pixels(decoded: int, box: Box) -> int:
     """The RGB pixels `focused_features` holds at once for a photo decoded at `decoded`
     pixels: the decode and, beside it for a moment, its cut region."""
@@ -277,19 +285,25 @@ def verify_labels(
                 if mirror is None:
                     mirror = local.mirrored()
                 cache[photo] = max(inliers(local, store[photo]), inliers(mirror, store[photo]))
-            if focus is not None and f"{focus.view}|{photo}" not in cache:
+            if focus is not None and _focus_key(focus, photo) not in cache:
                 if focus_mirror is None:
                     focus_mirror = focus.local.mirrored()
-                cache[f"{focus.view}|{photo}"] = max(
+                cache[_focus_key(focus, photo)] = max(
                     inliers(focus.local, store[photo]), inliers(focus_mirror, store[photo])
                 )
         counts = {
-            photo: max(cache[photo], cache[f"{focus.view}|{photo}"] if focus else 0)
+            photo: max(cache[photo], cache[_focus_key(focus, photo)] if focus else 0)
             for photo in photos
         }
         best = max(((counts[photo], photo) for photo in photos), default=(0, ""))
         found[column] = best if best[0] else (0, "")  # no inlier: on no photo in particular
     return found
+
+
+def _focus_key(focus: Focus, photo: str) -> str:
+    """Where a closer look's count on a catalogue photo is cached, apart from the whole
+    photo's (which is cached under the photo's id)."""
+    return f"{focus.view}|{photo}"
 
 
 def answering(

@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 from matcher.geometry import (
     CANDIDATE_LABELS,
-    FOCUS_MAX_PIXELS,
     REFERENCE_KEYPOINTS,
     Focus,
     KeypointStore,
     LocalFeatures,
     answering,
-    focus_decode_side,
+    focus_decode_pixels,
     focused_features,
     leading,
     local_features,
@@ -103,11 +102,10 @@ class FocusedKeypoints:
     def wants(self, photo: int, view: int) -> bool:
         """Whether geometry looks closer at this view (an index of the plan) of this photo, as
         the server would: a crop, of a photo that decodes for it within FOCUS_MAX_PIXELS."""
-        box = self._plan[view].box
         if not self._plan[view].is_crop:
             return False
         header = inspect_image(self._photos[photo], ImageLimits())
-        return header.decode_pixels(focus_decode_side(box)) <= FOCUS_MAX_PIXELS
+        return focus_decode_pixels(header, self._plan[view].box) is not None
 
     def find(self, wanted: Iterable[tuple[int, int]]) -> None:
         """Find the keypoints of these (photo, view) pairs (threads, with a progress bar)."""
@@ -162,11 +160,9 @@ def check_photos(
     for i in range(len(order)):
         check(i)
     if best_view is not None and focused is not None:
-        closer = [
-            (i, int(best_view[i, order[i, 0]]))
-            for i in np.flatnonzero(~verified).tolist()
-            if focused.wants(i, int(best_view[i, order[i, 0]]))
-        ]
+        unverified = np.flatnonzero(~verified).tolist()
+        views_of_first = [(i, int(best_view[i, order[i, 0]])) for i in unverified]
+        closer = [pair for pair in views_of_first if focused.wants(*pair)]
         focused.find(closer)
         for pair in closer:
             check(pair[0], focused[pair])
