@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,10 +220,10 @@ class MatcherCore:
         if local is not None and required:
             cache: dict[str, int] = {}  # inliers by catalogue photo, kept for a closer look
             checked = await asyncio.to_thread(_verify, merged, answers, local, required, cache)
-            focus = None
+            focus: dict[int, Focus] = {}
             if checked is not None and not checked.answering:  # look closer (`Focus`)
                 focus = await self._focus(image, merged, mode)
-            if focus is not None:
+            if focus:
                 checked = await asyncio.to_thread(
                     _verify, merged, answers, local, required, cache, focus
                 )
@@ -385,24 +385,48 @@ class MatcherCore:
         async with self._keypoint_slots:
             return await asyncio.to_thread(_keypoints_of, image)
 
-    async def _focus(self, image: bytes, merged: _Merged, mode: str) -> Focus | None:
-        """The keypoints of the crop view the first label was found in (`Focus`); None when
-        that was the whole photo (or a turn of it)."""
+    async def _focus(self, image: bytes, merged: _Merged, mode: str) -> dict[int, Focus]:
+        """The closer looks (`Focus`) for the label columns `_verify` checks: each at the crop
+        view that label was found in, none for a label found in the whole photo (or a turn of
+        it), or where the photo decodes for them beyond FOCUS_MAX_PIXELS."""
         if merged.nearest is None:
-            return None
-        first = int(np.argmax(merged.probabilities))  # `_verify`'s first candidate (ties too)
-        view = next(v for v in PLANS[mode] if v.name == merged.nearest[2][first])
-        if not view.is_crop:
-            return None
-        decoded = focus_decode_pixels(inspect_image(image, self._limits), view.box)
-        if decoded is None:
-            return None
+            return {}
+        plan = {view.name: view for view in PLANS[mode]}
+        header = inspect_image(image, self._limits)
+        found_in = {
+            column: view
+            for column in _candidates(merged)
+            if (view := plan[merged.nearest[2][column]]).is_crop
+            and focus_decode_pixels(header, view.box) is not None
+        }
+        boxes = list(dict.fromkeys(view.box for view in found_in.values()))
+        if not boxes:
+            return {}
+        decoded = max(focus_decode_pixels(header, box) or 0 for box in boxes)
+        # The crops shared among the keypoint workers, each share with its own decode: a
+        # photo with five crops to look at waits for two SIFTs, not five.
+        shares = [boxes[i::KEYPOINT_WORKERS] for i in range(min(KEYPOINT_WORKERS, len(boxes)))]
+        found = await asyncio.gather(*(self._look_closer(image, decoded, s) for s in shares))
+        if any(looks is None for looks in found):
+            return {}
+        by_box = {
+            box: local
+            for share, looks in zip(shares, found, strict=True)
+            for box, local in zip(share, looks or [], strict=True)
+        }
+        return {column: Focus(view.name, by_box[view.box]) for column, view in found_in.items()}
+
+    async def _look_closer(
+        self, image: bytes, decoded: int, boxes: Sequence[Box]
+    ) -> list[LocalFeatures] | None:
+        """The keypoints of these crops (`focused_features`), holding their pixels and a
+        keypoint slot."""
         budget = self.pixel_budget
-        pixels = focus_held_pixels(decoded, view.box)
-        held = budget.hold(pixels) if budget else contextlib.nullcontext()
+        held = (
+            budget.hold(focus_held_pixels(decoded, boxes)) if budget else contextlib.nullcontext()
+        )
         async with held, self._keypoint_slots:
-            local = await asyncio.to_thread(_focused_of, image, view.box)
-        return None if local is None else Focus(view.name, local)
+            return await asyncio.to_thread(_focused_of, image, boxes)
 
     def _answer_batch(self, images: Sequence[bytes]) -> list[_Answer]:
         """Blocking: features of a batch, then the classifier's scores for all of it."""
@@ -500,13 +524,13 @@ def _verify(
     local: LocalFeatures,
     min_inliers: int,
     cache: dict[str, int],
-    focus: Focus | None = None,
+    focus: Mapping[int, Focus] | None = None,
 ) -> _Checked | None:
     """Blocking: the inliers of the first `CANDIDATE_LABELS` labels (`verify_labels`)."""
     catalogue = merged.whole.classifier.catalogue
     if catalogue is None or catalogue.verification is None:  # swapped for a run without
         return None
-    first = np.argsort(-merged.probabilities, kind="stable")[:CANDIDATE_LABELS].tolist()
+    first = _candidates(merged)
     features = np.stack([answer.features for answer in answers])
     store = catalogue.verification.keypoints
     found = verify_labels(local, features, first, catalogue.index, store, cache, focus)
@@ -519,6 +543,14 @@ def _verify(
     )
 
 
+def _candidates(merged: _Merged) -> list[int]:
+    """The label columns geometry checks: the first `CANDIDATE_LABELS` by the pooled scores."""
+    columns: list[int] = np.argsort(-merged.probabilities, kind="stable")[
+        :CANDIDATE_LABELS
+    ].tolist()
+    return columns
+
+
 def _keypoints_of(image: bytes) -> LocalFeatures | None:
     """The photo's keypoints, or None when Pillow cannot decode it: the model's decode, which
     runs beside this one, then answers for the request (one error, whichever came first)."""
@@ -528,10 +560,10 @@ def _keypoints_of(image: bytes) -> LocalFeatures | None:
         return None
 
 
-def _focused_of(image: bytes, box: Box) -> LocalFeatures | None:
-    """A region's keypoints (`focused_features`), or None when Pillow cannot decode it."""
+def _focused_of(image: bytes, boxes: Sequence[Box]) -> list[LocalFeatures] | None:
+    """Regions' keypoints (`focused_features`), or None when Pillow cannot decode the photo."""
     try:
-        return focused_features(image, box)
+        return focused_features(image, boxes)
     except InvalidImageError:
         return None
 

@@ -15,9 +15,11 @@ import matcher.core
 from matcher.errors import ModelLoadError
 from matcher.factory import make_core
 from matcher.geometry import (
+    KEYPOINT_WORKERS,
     LEANING_INLIERS,
     MIN_INLIERS,
     PROMOTION_MARGIN,
+    Focus,
     KeypointStore,
     LocalFeatures,
     answering,
@@ -26,8 +28,10 @@ from matcher.geometry import (
     inliers,
     leading,
     local_features,
+    verify_labels,
 )
 from matcher.images import decode_upright
+from matcher.index import CatalogueIndex
 from matcher.layout import KEYPOINTS_FILE
 from matcher.views import PLANS
 from tests.conftest import outside_queries, query_images
@@ -142,13 +146,44 @@ def test_a_closer_look_verifies_an_item_small_on_clutter_and_nothing_else() -> N
         reference = local_features(_jpeg(item), 500)
         photo = _jpeg(_small_on_texture(item, 0.2))
         whole = inliers(local_features(photo), reference)
-        closer = focused_features(photo, box)
+        closer = focused_features(photo, [box])[0]
         print(name, "whole photo", whole, "closer", inliers(closer, reference))
         assert whole < MIN_INLIERS  # a fifth of the frame wide: too few of its keypoints
         assert inliers(closer, reference) >= 2 * MIN_INLIERS
         for stranger in strangers:
             chance = max(inliers(closer, stranger), inliers(closer.mirrored(), stranger))
             assert chance < MIN_INLIERS, (name, chance)
+
+
+def test_each_label_is_looked_for_closer_only_where_it_was_found() -> None:
+    from skimage import data
+
+    cat, rocket = Image.fromarray(data.chelsea()), Image.fromarray(data.rocket())
+    store = KeypointStore.of(
+        [
+            ("cat/1.jpg", local_features(_jpeg(cat), 500)),
+            ("rocket/1.jpg", local_features(_jpeg(rocket), 500)),
+        ]
+    )
+    index = CatalogueIndex.build(
+        np.eye(2, 4, dtype=np.float32), ["cat", "rocket"], ["cat/1.jpg", "rocket/1.jpg"]
+    )
+    photo = _jpeg(_small_on_texture(cat, 0.2))  # the cat in the top left crop, nowhere else
+    corner, other = focused_features(photo, [(0.0, 0.0, 0.4, 0.4), (0.6, 0.6, 1.0, 1.0)])
+    whole = local_features(photo)
+    views = np.eye(1, 4, dtype=np.float32)
+
+    def counts(focus: dict[int, Focus]) -> list[int]:
+        found = verify_labels(whole, views, [0, 1], index, store, {}, focus)
+        return [found[0][0], found[1][0]]
+
+    plain = counts({})
+    assert plain[0] < MIN_INLIERS  # the whole photo's keypoints miss the small cat
+    # The cat found in the corner: verified there. The corner given to the rocket only (the
+    # cat found elsewhere) verifies neither: a label is checked at its own view alone.
+    assert counts({0: Focus("corner", corner)})[0] >= 2 * MIN_INLIERS
+    elsewhere = counts({0: Focus("other", other), 1: Focus("corner", corner)})
+    assert max(elsewhere) < MIN_INLIERS, elsewhere
 
 
 def test_a_closer_look_at_a_large_photo_decodes_only_what_its_region_needs() -> None:
@@ -162,7 +197,8 @@ def test_a_closer_look_at_a_large_photo_decodes_only_what_its_region_needs() -> 
     # 1,600), which gives the region 800 pixels (shrunk to 640) and the item its keypoints.
     photo = _jpeg(_small_on_texture(item, 0.2, side=4000))
     assert decode_upright(photo, focus_decode_side((0.0, 0.0, 0.4, 0.4))).size == (2000, 2000)
-    assert inliers(focused_features(photo, (0.0, 0.0, 0.4, 0.4)), reference) >= 2 * MIN_INLIERS
+    corner = (0.0, 0.0, 0.4, 0.4)
+    assert inliers(focused_features(photo, [corner])[0], reference) >= 2 * MIN_INLIERS
 
 
 def test_geometry_ranks_a_verified_label_first_else_one_it_clearly_leans_to() -> None:
@@ -274,12 +310,12 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
 ) -> None:
     from skimage import data
 
-    looked: list[tuple[float, float, float, float]] = []
+    looked: list[list[tuple[float, float, float, float]]] = []  # the boxes of each decode
     real = matcher.core.focused_features
 
-    def spied(image: bytes, box: tuple[float, float, float, float]) -> LocalFeatures:
-        looked.append(box)
-        return real(image, box)
+    def spied(image: bytes, boxes: list[tuple[float, float, float, float]]) -> list[LocalFeatures]:
+        looked.append(list(boxes))
+        return real(image, boxes)
 
     monkeypatch.setattr(matcher.core, "focused_features", spied)
     _, path = query_images(demo)[0]
@@ -298,7 +334,12 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
     first = answer.matches[0]
     print("answer:", first, "looked at", looked)
     view = next(v for v in PLANS["crops"] if v.name == first.query_view)
-    assert looked == [view.box] and view.box == (0.0, 0.0, 0.4, 0.4)
+    # The request's closer looks: distinct crops of the labels checked, shared among at most
+    # KEYPOINT_WORKERS decodes, the cat's crop among them (where the cat was found).
+    boxes = [box for share in looked for box in share]
+    assert 1 <= len(looked) <= KEYPOINT_WORKERS and view.box == (0.0, 0.0, 0.4, 0.4)
+    crops = {v.box for v in PLANS["crops"] if v.is_crop}
+    assert view.box in boxes and len(set(boxes)) == len(boxes) and set(boxes) <= crops
     assert first.label == "chelsea" and answer.verdict is not None and answer.verdict.verified
     assert first.inliers is not None and first.inliers >= 3 * MIN_INLIERS
     whole = local_features(small)

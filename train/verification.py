@@ -108,19 +108,28 @@ class FocusedKeypoints:
         return focus_decode_pixels(header, self._plan[view].box) is not None
 
     def find(self, wanted: Iterable[tuple[int, int]]) -> None:
-        """Find the keypoints of these (photo, view) pairs (threads, with a progress bar)."""
-        todo = [pair for pair in dict.fromkeys(wanted) if pair not in self._found]
-        quiet = not self._progress or not todo
+        """Find the keypoints of these (photo, view) pairs (threads, with a progress bar):
+        one decode a photo, as the server's closer looks at one photo share one."""
+        by_photo: dict[int, list[int]] = {}
+        for photo, view in dict.fromkeys(wanted):
+            if (photo, view) not in self._found:
+                by_photo.setdefault(photo, []).append(view)
+        quiet = not self._progress or not by_photo
         with ThreadPoolExecutor(JOBS) as pool:
-            found = pool.map(self._focus, todo)
-            bar = tqdm(found, total=len(todo), desc="closer looks", unit="view", disable=quiet)
-            self._found.update(zip(todo, bar, strict=True))
+            found = pool.map(self._focus, by_photo.items())
+            bar = tqdm(found, total=len(by_photo), desc="closer looks", unit="photo", disable=quiet)
+            for (photo, views), looks in zip(by_photo.items(), bar, strict=True):
+                self._found.update(
+                    ((photo, view), look) for view, look in zip(views, looks, strict=True)
+                )
 
-    def _focus(self, pair: tuple[int, int]) -> Focus:
-        photo, view = pair
-        return Focus(
-            self._plan[view].name, focused_features(self._photos[photo], self._plan[view].box)
-        )
+    def _focus(self, job: tuple[int, list[int]]) -> list[Focus]:
+        photo, views = job
+        boxes = [self._plan[view].box for view in views]
+        found = focused_features(self._photos[photo], boxes)
+        return [
+            Focus(self._plan[view].name, local) for view, local in zip(views, found, strict=True)
+        ]
 
     def __getitem__(self, pair: tuple[int, int]) -> Focus:
         return self._found[pair]
@@ -143,13 +152,14 @@ def check_photos(
     the server lets it (`answering`, on each label's `similarity` [N, L]); `caches` (one per
     photo) keep the inliers of a photo pair across the modes. With `best_view` (each label's
     view of the photo most similar to it [N, L]) and `focused`, a photo nothing verified is
-    looked at closer, as the server does: in the crop view its first label was found in."""
+    looked at closer, as the server does: each label checked, in the crop view it was found
+    in."""
     first = order[:, 0].copy()
     verified = np.zeros(len(order), bool)
     most = np.zeros(len(order), np.int64)
     candidates = order[:, :CANDIDATE_LABELS]
 
-    def check(i: int, focus: Focus | None = None) -> None:
+    def check(i: int, focus: dict[int, Focus] | None = None) -> None:
         columns = candidates[i].tolist()
         found = verify_labels(local[i], views[i], columns, seen, store, caches[i], focus)
         most[i] = max(count for count, _ in found.values())
@@ -160,12 +170,19 @@ def check_photos(
     for i in range(len(order)):
         check(i)
     if best_view is not None and focused is not None:
-        unverified = np.flatnonzero(~verified).tolist()
-        views_of_first = [(i, int(best_view[i, order[i, 0]])) for i in unverified]
-        closer = [pair for pair in views_of_first if focused.wants(*pair)]
-        focused.find(closer)
-        for pair in closer:
-            check(pair[0], focused[pair])
+        # Each label checked, at the crop view it was found in, where the server looks too.
+        closer = {
+            i: {
+                column: view
+                for column in candidates[i].tolist()
+                if focused.wants(i, view := int(best_view[i, column]))
+            }
+            for i in np.flatnonzero(~verified).tolist()
+        }
+        focused.find((i, view) for i, looks in closer.items() for view in looks.values())
+        for i, looks in closer.items():
+            if looks:
+                check(i, {column: focused[i, view] for column, view in looks.items()})
     return Checked(first, verified, most)
 
 
