@@ -214,6 +214,7 @@ class MatcherCore:
         # Not loaded yet: `_input_side` says so before any work.
         side = self._input_side()
         required = self._required_inliers(min_inliers)
+        received = image  # a closer look decodes these, as training does its photos' files
         answers, local, image = await self._answers(image, mode, side, keypoints=bool(required))
         merged = _merge(answers, PLANS[mode])
         checked = None
@@ -222,7 +223,7 @@ class MatcherCore:
             checked = await asyncio.to_thread(_verify, merged, answers, local, required, cache)
             focus: dict[int, Focus] = {}
             if checked is not None and not checked.answering:  # look closer (`Focus`)
-                focus = await self._focus(image, merged, mode)
+                focus = await self._focus(received, merged, mode)
             if focus:
                 checked = await asyncio.to_thread(
                     _verify, merged, answers, local, required, cache, focus
@@ -388,16 +389,24 @@ class MatcherCore:
     async def _focus(self, image: bytes, merged: _Merged, mode: str) -> dict[int, Focus]:
         """The closer looks (`Focus`) for the label columns `_verify` checks: each at the crop
         view that label was found in, none for a label found in the whole photo (or a turn of
-        it), or where the photo decodes for them beyond FOCUS_MAX_PIXELS."""
+        it), or where the photo decodes for them beyond FOCUS_MAX_PIXELS. `image` is the
+        request's bytes: a turned phone JPEG decodes at a reduced scale for it, as training
+        decodes the photo's file, where the graph's upright PNG would decode whole."""
         if merged.nearest is None:
             return {}
         plan = {view.name: view for view in PLANS[mode]}
-        header = inspect_image(image, self._limits)
-        found_in = {
+        crops = {
             column: view
             for column in _candidates(merged)
             if (view := plan[merged.nearest[2][column]]).is_crop
-            and focus_decode_pixels(header, view.box) is not None
+        }
+        if not crops:
+            return {}
+        header = inspect_image(image, self._limits)
+        found_in = {
+            column: view
+            for column, view in crops.items()
+            if focus_decode_pixels(header, view.box) is not None
         }
         boxes = list(dict.fromkeys(view.box for view in found_in.values()))
         if not boxes:

@@ -177,9 +177,9 @@ def focus_decode_pixels(header: ImageHeader, box: Box) -> int | None:
 
 def focus_held_pixels(decoded: int, boxes: Sequence[Box]) -> int:
     """The RGB pixels `focused_features` holds at once for a photo decoded at `decoded`
-    pixels: the decode and, beside it for a moment, the largest of its cut regions."""
-    largest = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes), default=0.0)
-    return decoded + math.ceil(decoded * largest)
+    pixels: the decode and its grey copy (a byte a pixel, Pillow's RGB takes four), then the
+    regions' enlarged grey copies."""
+    return decoded + math.ceil(decoded / 4) + len(boxes) * math.ceil(LOCAL_SIDE**2 / 4)
 
 
 def focused_features(
@@ -187,25 +187,28 @@ def focused_features(
 ) -> list[LocalFeatures]:
     """The keypoints of regions of an encoded photo, each enlarged (or shrunk) to
     `LOCAL_SIDE` a side: an item that fills a region is then found at SIFT's scales as a
-    catalogue photo of it is. One decode serves every region, and a region's colour pixels are
-    let go as soon as it is cut (`focus_held_pixels`). Blocking; InvalidImageError when the
-    photo cannot be decoded."""
+    catalogue photo of it is. One decode serves every region (decoded for the largest side
+    any of them needs: a plan's crops are all one size, so a region's keypoints do not depend
+    on which others share the decode), and the colour pixels are let go once the photo is
+    grey (`focus_held_pixels`). Blocking; InvalidImageError when the photo cannot be
+    decoded."""
     photo = decode_upright(data, max((focus_decode_side(box) for box in boxes), default=1))
-    width, height = photo.size
-    greys = []
+    grey = photo.convert("L")
+    del photo  # a large photo's colour decode is not held through the cuts and SIFT
+    width, height = grey.size
+    regions = []
     for left, top, right, bottom in boxes:
-        cut = (
-            round(left * width),
-            round(top * height),
-            round(right * width),
-            round(bottom * height),
+        x, y = round(left * width), round(top * height)
+        # At least a pixel: a region of a photo a few pixels wide is empty, not an error.
+        cut = grey.crop(
+            (x, y, max(x + 1, round(right * width)), max(y + 1, round(bottom * height)))
         )
-        grey = photo.crop(cut).convert("L")
-        scale = LOCAL_SIDE / max(grey.size)
-        size = (max(1, round(grey.size[0] * scale)), max(1, round(grey.size[1] * scale)))
-        greys.append(grey.resize(size, Image.Resampling.BICUBIC))
-    del photo  # a large photo's decode is not held through SIFT
-    return [_keypoints_of_grey(grey, count) for grey in greys]
+        scale = LOCAL_SIDE / max(cut.size)
+        size = (max(1, round(cut.size[0] * scale)), max(1, round(cut.size[1] * scale)))
+        regions.append(cut.resize(size, Image.Resampling.BICUBIC))
+        del cut
+    del grey
+    return [_keypoints_of_grey(region, count) for region in regions]
 
 
 def _keypoints_of_grey(grey: Image.Image, count: int) -> LocalFeatures:

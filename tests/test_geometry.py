@@ -311,26 +311,44 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
     from skimage import data
 
     looked: list[list[tuple[float, float, float, float]]] = []  # the boxes of each decode
+    decoded: list[bytes] = []  # what each decode was given
     real = matcher.core.focused_features
 
     def spied(image: bytes, boxes: list[tuple[float, float, float, float]]) -> list[LocalFeatures]:
         looked.append(list(boxes))
+        decoded.append(image)
         return real(image, boxes)
 
     monkeypatch.setattr(matcher.core, "focused_features", spied)
     _, path = query_images(demo)[0]
     # The demo's cat, 15 % of the frame wide on textures: too small for the whole photo's
     # keypoints (they verify nothing of it), found by the crop view that holds it.
-    small = _jpeg(_small_on_texture(Image.fromarray(data.chelsea()), 0.15))
+    upright = _small_on_texture(Image.fromarray(data.chelsea()), 0.15)
+    small = _jpeg(upright)
+    # A smaller cat, as a phone stores a photo turned: EXIF orientation 6.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    smaller = _small_on_texture(Image.fromarray(data.chelsea()), 0.12)
+    smaller.transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", quality=85, exif=exif)
     core = make_core(settings, embedded_backend)
     core.load()
     try:
         plain = await core.match(path.read_bytes(), 3, views="crops")
         assert plain.verdict is not None and plain.verdict.verified and looked == []
         answer = await core.match(small, 3, views="crops")
+        looked_upright = len(looked)
+        await core.match(buffer.getvalue(), 3, views="crops")
         store = core.read_classifier().catalogue.verification.keypoints
     finally:
         await core.close()
+    # The turned photo (its whole verifies no label that may answer) is looked at closer as it was
+    # sent: its JPEG, decoded at a reduced scale as training decodes its files, not the
+    # graph's upright PNG, which decodes whole (and beyond FOCUS_MAX_PIXELS for a phone's).
+    assert decoded[looked_upright:] and all(
+        d == buffer.getvalue() for d in decoded[looked_upright:]
+    )
+    looked = looked[:looked_upright]
     first = answer.matches[0]
     print("answer:", first, "looked at", looked)
     view = next(v for v in PLANS["crops"] if v.name == first.query_view)
@@ -373,3 +391,10 @@ def test_a_negative_min_inliers_setting_is_refused(settings) -> None:
 def test_local_features_of_an_empty_result_are_well_formed() -> None:
     empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.uint8))
     assert KeypointStore.of([("x/1.jpg", empty)])["x/1.jpg"].size == 0
+
+
+def test_a_closer_look_at_a_photo_a_pixel_wide_finds_nothing_and_does_not_fail() -> None:
+    tiny = _jpeg(Image.new("RGB", (1, 1), (120, 30, 60)))
+    found = focused_features(tiny, [(0.0, 0.0, 0.4, 0.4), (0.6, 0.6, 1.0, 1.0)])
+    assert [local.size for local in found] == [0, 0]
+    assert all(local.descriptors.shape == (0, 128) for local in found)

@@ -37,7 +37,7 @@ from matcher.geometry import (
     local_features,
     verify_labels,
 )
-from matcher.images import ImageLimits, inspect_image
+from matcher.images import ImageHeader, ImageLimits, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.views import QueryView
 
@@ -98,14 +98,16 @@ class FocusedKeypoints:
         self._plan = plan
         self._progress = progress
         self._found: dict[tuple[int, int], Focus] = {}
+        self._headers: dict[int, ImageHeader] = {}
 
     def wants(self, photo: int, view: int) -> bool:
         """Whether geometry looks closer at this view (an index of the plan) of this photo, as
         the server would: a crop, of a photo that decodes for it within FOCUS_MAX_PIXELS."""
         if not self._plan[view].is_crop:
             return False
-        header = inspect_image(self._photos[photo], ImageLimits())
-        return focus_decode_pixels(header, self._plan[view].box) is not None
+        if photo not in self._headers:
+            self._headers[photo] = inspect_image(self._photos[photo], ImageLimits())
+        return focus_decode_pixels(self._headers[photo], self._plan[view].box) is not None
 
     def find(self, wanted: Iterable[tuple[int, int]]) -> None:
         """Find the keypoints of these (photo, view) pairs (threads, with a progress bar):
