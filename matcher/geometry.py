@@ -25,8 +25,8 @@ frame wide on clutter gets few of the whole photo's keypoints, at scales finer t
 enlarged, it gets its own. A label is looked for only where its own features were found (one
 label's crop is not tried on the others' photos): on `bench.quality` the looks took false
 rejects from 5.5 to about 2 % and items small on clutter from 95 to 98 % top-1, and no wrong
-label or outside photo reached more than 4 inliers, before or after. The server shares a
-photo's crops among its `KEYPOINT_WORKERS`, one decode each (`focused_features`).
+label or outside photo reached more than 4 inliers, before or after. A photo's crops are cut
+from one decode (`focused_features`).
 
 Training stores the keypoints of every catalogue photo (`KeypointStore`, `keypoints.npz` in
 the run folder: plain arrays, no pickle, listed in the manifest); the server computes the

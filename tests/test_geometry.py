@@ -15,7 +15,6 @@ import matcher.core
 from matcher.errors import ModelLoadError
 from matcher.factory import make_core
 from matcher.geometry import (
-    KEYPOINT_WORKERS,
     LEANING_INLIERS,
     MIN_INLIERS,
     PROMOTION_MARGIN,
@@ -352,10 +351,10 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
     first = answer.matches[0]
     print("answer:", first, "looked at", looked)
     view = next(v for v in PLANS["crops"] if v.name == first.query_view)
-    # The request's closer looks: distinct crops of the labels checked, shared among at most
-    # KEYPOINT_WORKERS decodes, the cat's crop among them (where the cat was found).
+    # The request's closer looks: distinct crops of the labels checked, cut from one decode,
+    # the cat's crop among them (where the cat was found).
     boxes = [box for share in looked for box in share]
-    assert 1 <= len(looked) <= KEYPOINT_WORKERS and view.box == (0.0, 0.0, 0.4, 0.4)
+    assert len(looked) == 1 and view.box == (0.0, 0.0, 0.4, 0.4)
     crops = {v.box for v in PLANS["crops"] if v.is_crop}
     assert view.box in boxes and len(set(boxes)) == len(boxes) and set(boxes) <= crops
     assert first.label == "chelsea" and answer.verdict is not None and answer.verdict.verified
