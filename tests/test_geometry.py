@@ -353,8 +353,8 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
     view = next(v for v in PLANS["crops"] if v.name == first.query_view)
     # The request's closer looks: distinct crops of the labels checked, cut from one decode,
     # the cat's crop among them (where the cat was found).
-    boxes = [box for share in looked for box in share]
-    assert len(looked) == 1 and view.box == (0.0, 0.0, 0.4, 0.4)
+    (boxes,) = looked
+    assert view.box == (0.0, 0.0, 0.4, 0.4)
     crops = {v.box for v in PLANS["crops"] if v.is_crop}
     assert view.box in boxes and len(set(boxes)) == len(boxes) and set(boxes) <= crops
     assert first.label == "chelsea" and answer.verdict is not None and answer.verdict.verified
