@@ -3,8 +3,11 @@
 The largest image the server accepts in each format the graph decodes, as cheap to send as it
 is costly to decode: a PNG of 50 megapixels (150 KB of flat colour), the JPEG whose decode is
 largest after the reduced DCT scale (10000 x 895: a scale of 1), a GIF of 50 megapixels and
-the largest 24-bit BMP within the receive limit. Each concurrency level sends that many Match
-calls at once (the four formats in turn), with the server's default views, and reads the
+the largest 24-bit BMP within the receive limit; and two JPEGs stored turned (EXIF
+orientation 6, as phones store photos), which `for_graph` rewrites as upright PNGs that every
+later decode reads whole: the one whose rewrite is largest (10000 x 2239, a scale of 1) and a
+square 50 megapixels (at a quarter scale). Each concurrency level sends that many Match
+calls at once (the images in turn), with the server's default views, and reads the
 processes' peak resident memory (VmHWM, reset before each level through /proc/PID/clear_refs).
 Every answer must be OK or RESOURCE_EXHAUSTED (too many waiting for the decode budget or the
 model queue: the documented answer to overload); anything else is counted as lost.
@@ -47,6 +50,7 @@ from bench.startup import (
 from matcher.images import ImageHeader, ImageLimits, inspect_image
 from matcher.settings import CoreSettings
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
+from matcher.views import rewrite_side
 
 #: Answers that are the documented response to overload; any other is a lost request.
 EXPECTED = ("OK", "RESOURCE_EXHAUSTED")
@@ -74,16 +78,28 @@ def _encode(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def worst_jpeg_size(max_side: int, max_pixels: int, input_side: int) -> tuple[int, int]:
-    """The accepted JPEG size whose decode holds the most pixels (after its DCT scale)."""
+def worst_jpeg_size(
+    max_side: int, max_pixels: int, input_side: int, turned: bool = False
+) -> tuple[int, int]:
+    """The accepted JPEG size whose decode holds the most pixels (after its DCT scale): the
+    graph's, or, `turned`, the upright PNG's that `for_graph` rewrites it to."""
     best = (0, (16, 16))
+    keep = rewrite_side(input_side)
     for shorter in range(16, max_side + 1):
         longer = min(max_side, max_pixels // shorter)
         if longer < shorter:
             break
-        cost = ImageHeader("JPEG", longer, shorter).decode_pixels(input_side)
+        header = ImageHeader("JPEG", longer, shorter, orientation=6 if turned else 1)
+        cost = header.rewritten_pixels(keep) if turned else header.decode_pixels(input_side)
         best = max(best, (cost, (longer, shorter)))
     return best[1]
+
+
+def _turned_jpeg(width: int, height: int) -> bytes:
+    """A JPEG stored turned, as a phone stores a photo taken upright (EXIF orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(_flat(width, height), "JPEG", quality=90, exif=exif.tobytes())
 
 
 def worst_case_images(
@@ -92,9 +108,12 @@ def worst_case_images(
     receive_bytes: int = MAX_RECEIVE_BYTES,
     input_side: int = INPUT_SIDE,
 ) -> dict[str, bytes]:
-    """The largest accepted image in each format the graph decodes (blocking, seconds)."""
+    """The largest accepted image in each format the graph decodes, and the turned JPEGs
+    `for_graph` rewrites whose rewrite decodes the most and that hold the most pixels
+    (blocking, seconds)."""
     side = min(max_side, int(max_pixels**0.5))
     jpeg_w, jpeg_h = worst_jpeg_size(max_side, max_pixels, input_side)
+    turned_w, turned_h = worst_jpeg_size(max_side, max_pixels, input_side, turned=True)
     # A 24-bit BMP stores 3 bytes a pixel, rows padded to 4 bytes, after a 54-byte header;
     # the gRPC message adds a few bytes around the image.
     bmp_side = int(((receive_bytes - 1024) / 3) ** 0.5) // 4 * 4
@@ -106,6 +125,8 @@ def worst_case_images(
         "JPEG": _encode(_flat(jpeg_w, jpeg_h), "JPEG", quality=90),
         "GIF": buffer.getvalue(),
         "BMP": _encode(_flat(bmp_side, bmp_side), "BMP"),
+        "JPEG turned": _turned_jpeg(turned_w, turned_h),
+        "JPEG turned, square": _turned_jpeg(side, side),
     }
 
 
@@ -114,9 +135,12 @@ def describe(images: dict[str, bytes], input_side: int = INPUT_SIDE) -> dict[str
     described = {}
     for fmt, data in images.items():
         header = inspect_image(data, ImageLimits(max_side=MAX_SIDE, max_pixels=MAX_PIXELS))
+        decoded = header.rewritten_pixels(rewrite_side(input_side)) or header.decode_pixels(
+            input_side
+        )
         described[fmt] = (
             f"{header.width}x{header.height}, {len(data) / 1e3:.0f} KB, decodes "
-            f"{header.decode_pixels(input_side) / 1e6:.1f} MP"
+            f"{decoded / 1e6:.1f} MP"
         )
     return described
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from PIL import Image
 
 from matcher.images import ImageLimits, for_graph, inspect_image, load_image_readers
+from matcher.views import rewrite_side
 
 SIZE = (4032, 3024)
+#: EfficientNet-Lite0's, the default backbone's: a turned JPEG keeps what its views need.
+INPUT_SIDE = 224
 
 
 def photos() -> dict[str, bytes]:
@@ -46,7 +49,7 @@ def best_seconds(data: bytes, repeats: int) -> tuple[float, int]:
     best, size = float("inf"), 0
     for _ in range(repeats):
         started = time.perf_counter()
-        size = len(for_graph(data, header))
+        size = len(for_graph(data, header, rewrite_side(INPUT_SIDE)))
         best = min(best, time.perf_counter() - started)
     return best, size
 

@@ -10,7 +10,14 @@ trains one, `python -m train DATA --matcher M` with its defaults (the outside ph
 request's on an idle server.
 
     .venv/bin/python -m bench.quality [--matchers svm,knn,prototype] \\
-        [--views whole,crops,crops_rotations] [--json build/bench-quality.json]
+        [--views whole,crops,crops_rotations] [--phone-size] [--json build/bench-quality.json]
+
+With `--phone-size` every query (the outside photos too) is sent as a phone stores a photo:
+enlarged to 4032 pixels on its longer side (a 12-megapixel frame's), a JPEG of quality 90, and
+every other one stored turned (its pixels a quarter turn round, EXIF orientation 6, as a phone
+held upright stores them). The pixels say no more than the small photo's; what changes is the
+path through the server: decodes at reduced DCT scales, the rewrite of turned photos, closer
+looks at a large photo's crops. Training is unchanged.
 
 Each mode is measured as served (answers checked by geometry, `matcher.geometry`) and, on the
 same run, with the check off (`min_inliers=0`, rows marked "no-geometry": the verdict on
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import statistics
 import subprocess
@@ -34,6 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from bench.quality_data import KINDS, OUTSIDE, build
@@ -41,6 +50,8 @@ from matcher.settings import CoreSettings
 from matcher.views import VIEW_MODES
 
 MATCHERS = ("svm", "knn", "prototype")
+#: `--phone-size`: a 12-megapixel phone frame's longer side.
+PHONE_SIDE = 4032
 #: The label of rows whose answers were not checked by geometry (min_inliers=0).
 NO_GEOMETRY = "no-geometry"
 
@@ -59,8 +70,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also: top-1 of every query with the tensorflow and the openvino engine (the "
         "first matcher's run, whole view): the share that agrees",
     )
+    parser.add_argument(
+        "--phone-size",
+        action="store_true",
+        help="send every query as a phone stores a photo: 4032 pixels on its longer side, "
+        "JPEG q90, every other one stored turned (EXIF orientation 6)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
+
+
+def as_phone_photo(data: bytes, turned: bool) -> bytes:
+    """`data` as a phone stores a photo (`--phone-size`): `PHONE_SIDE` pixels on its longer
+    side, JPEG q90, and, `turned`, its pixels stored a quarter turn round with EXIF orientation
+    6, which turns them upright again."""
+    with Image.open(io.BytesIO(data)) as image:
+        photo = image.convert("RGB")
+    scale = PHONE_SIDE / max(photo.size)
+    photo = photo.resize(
+        (round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC
+    )
+    exif = Image.Exif()
+    if turned:
+        photo = photo.transpose(Image.Transpose.ROTATE_90)
+        exif[0x0112] = 6
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
 
 
 def train_run(data: Path, out: Path, matcher: str, model_dir: Path, cache: Path) -> float:
@@ -79,6 +115,7 @@ async def evaluate(
     queries: dict[str, list[tuple[Path, str]]],
     modes: list[str],
     geometry_off: bool = True,
+    phone_size: bool = False,
 ) -> dict[str, Any]:
     """Every query through the core, for each mode: the figures of one trained run."""
     from matcher.factory import make_core
@@ -88,16 +125,22 @@ async def evaluate(
     figures: dict[str, Any] = {}
     try:
         for mode in modes:
-            figures[mode] = await _evaluate_mode(core, queries, mode)
+            figures[mode] = await _evaluate_mode(core, queries, mode, None, phone_size)
             if geometry_off:  # the same run, its answers not checked by geometry
-                figures[f"{mode} {NO_GEOMETRY}"] = await _evaluate_mode(core, queries, mode, 0)
+                figures[f"{mode} {NO_GEOMETRY}"] = await _evaluate_mode(
+                    core, queries, mode, 0, phone_size
+                )
     finally:
         await core.close()
     return figures
 
 
 async def _evaluate_mode(
-    core: Any, queries: dict[str, list[tuple[Path, str]]], mode: str, min_inliers: int | None = None
+    core: Any,
+    queries: dict[str, list[tuple[Path, str]]],
+    mode: str,
+    min_inliers: int | None = None,
+    phone_size: bool = False,
 ) -> Any:
     hits: dict[str, list[tuple[bool, bool, bool]]] = defaultdict(list)  # top-1, top-5, refused
     verified: list[bool] = []
@@ -105,8 +148,10 @@ async def _evaluate_mode(
     latency: list[float] = []
     threshold = None
     todo = [(kind, path, label) for kind, found in queries.items() for path, label in found]
-    for kind, path, label in tqdm(todo, desc=mode, unit="query", leave=False):
+    for number, (kind, path, label) in enumerate(tqdm(todo, desc=mode, unit="query", leave=False)):
         data = path.read_bytes()
+        if phone_size:
+            data = as_phone_photo(data, turned=number % 2 == 1)
         started = time.perf_counter()
         result = await core.match(data, top_k=5, views=mode, min_inliers=min_inliers)
         latency.append(time.perf_counter() - started)
@@ -222,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(data.labels)} items x {args.train_views} training views; "
         + ", ".join(f"{len(v)} {k}" for k, v in queries.items())
         + f" (outside photos under {OUTSIDE})"
+        + (
+            f"; queries sent at {PHONE_SIDE} pixels, every other one turned"
+            if args.phone_size
+            else ""
+        )
     )
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
@@ -230,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds[matcher] = train_run(
             data.out / "train", run, matcher, args.model_dir, args.work / "cache"
         )
-        results[matcher] = asyncio.run(evaluate(run, args.model_dir, queries, modes))
+        results[matcher] = asyncio.run(
+            evaluate(run, args.model_dir, queries, modes, phone_size=args.phone_size)
+        )
         print(f"trained and evaluated {matcher} (training {seconds[matcher]:.0f} s)")
     print_table(results)
     agreement = None
@@ -243,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"items": len(data.labels), "training_seconds": seconds, "results": results}
+        payload = {
+            "items": len(data.labels),
+            "training_seconds": seconds,
+            "phone_size": args.phone_size,
+            "results": results,
+        }
         if agreement is not None:
             payload["engine_agreement"] = agreement
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

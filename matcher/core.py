@@ -59,18 +59,18 @@ from matcher.images import (
 )
 from matcher.views import (
     DEFAULT_VIEWS,
+    FALLBACK_INPUT_SIDE,
     PLANS,
     QueryView,
     check_mode,
+    largest_needed,
     merge_similarity,
     render_views,
+    rewrite_side,
+    view_pixels,
 )
 
 log = logging.getLogger(__name__)
-
-#: Input side assumed when neither the backend nor the classifier's report names one
-#: (Inception v3's, the largest of the backbones export offers).
-FALLBACK_INPUT_SIDE = 299
 
 
 @dataclass(frozen=True)
@@ -365,13 +365,12 @@ class MatcherCore:
         header = inspect_image(image, self._limits)
         budget = self.pixel_budget
         # Held through every decode the request causes, until its answer.
-        pixels = header.decode_pixels(input_side)
-        if keypoints:  # a second decode, at most LOCAL_SIDE a side, while the model works
-            pixels += header.decode_pixels(LOCAL_SIDE)
+        pixels = request_pixels(header, mode, input_side, keypoints)
         held = budget.hold(pixels) if budget else contextlib.nullcontext()
         async with held:
             if header.needs_rewrite:  # HEIC, WebP or turned: upright PNG, off the event loop
-                image = await asyncio.to_thread(for_graph, image, header)
+                keep = rewrite_side(input_side)
+                image = await asyncio.to_thread(for_graph, image, header, keep)
             views = [image]
             if mode != "whole":  # a decode, crops and encodes: off the event loop too
                 views = await asyncio.to_thread(render_views, image, mode, input_side)
@@ -470,6 +469,23 @@ def _merge(answers: Sequence[_Answer], plan: Sequence[QueryView]) -> _Merged:
         probabilities,
         (similarity, [ids[row] for row in rows], [plan[v].name for v in view]),
     )
+
+
+def request_pixels(header: ImageHeader, mode: str, input_side: int, keypoints: bool) -> int:
+    """The most pixels one request's decodes hold at once (`_answers`), by its header: what
+    the decode budget admits it by.
+
+    In turn: `for_graph`'s rewrite (HEIC, WebP, turned), whose PNG is held to the end and which
+    every later decode then reads whole; the decode the views are cut from (`render_views`);
+    and, while the views wait for the model, the graph's decode beside the keypoints' (at most
+    `LOCAL_SIDE` a side, a JPEG at a reduced scale)."""
+    rewritten = header.rewritten_pixels(rewrite_side(input_side))
+    graph = rewritten or header.decode_pixels(input_side)
+    local = (rewritten or header.upright_pixels(LOCAL_SIDE)) if keypoints else 0
+    cut = 0
+    if mode != "whole":
+        cut = rewritten or header.upright_pixels(largest_needed(PLANS[mode], input_side))
+    return rewritten + view_pixels(mode, input_side) + max(cut, graph + local)
 
 
 def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:

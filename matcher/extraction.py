@@ -40,6 +40,7 @@ from matcher.backends.base import FeatureExtractor
 from matcher.errors import InvalidImageError
 from matcher.images import ImageLimits, for_graph, inspect_image
 from matcher.isolate import answer_each
+from matcher.views import rewrite_side
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ def extract_features(
             ThreadPoolExecutor(readers, thread_name_prefix="features-read") as pool,
             tqdm(total=len(paths), unit="img", desc="features", disable=not progress) as bar,
         ):
-            scanned = _scan(paths, cache, limits, pool, window=prefetch * batch_size)
+            side = backend.info.input_size
+            scanned = _scan(paths, cache, limits, side, pool, window=prefetch * batch_size)
             with _Prefetch(_batches(scanned, batch_size), prefetch) as batches:
                 for batch in batches:
                     run.consume(batch, pool)
@@ -179,19 +181,31 @@ class Scanned:
     error: str | None = None
 
 
-def scan_file(index: int, path: Path, cache: FeatureCache | None, limits: ImageLimits) -> Scanned:
-    """Read, hash, look up in the cache and check one file (the readers' stage)."""
+def scan_file(
+    index: int, path: Path, cache: FeatureCache | None, limits: ImageLimits, input_side: int
+) -> Scanned:
+    """Read, hash, look up in the cache and check one file (the readers' stage), for a network
+    of `input_side` (what a rewritten photo keeps: `for_graph`)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         return Scanned(index, error=f"could not be read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
+    try:
+        header = inspect_image(data, limits)
+    except InvalidImageError as exc:
+        return Scanned(index, digest, error=str(exc))
+    keep = rewrite_side(input_side)
+    if header.needs_rewrite:
+        # Its features are those of the rewrite (a turned JPEG's at the scale `keep` picks):
+        # cached apart from what another rule (a whole rewrite, before 2026-12-03) gave.
+        digest = f"{digest}-upright{keep}"
     row = cache.get(digest) if cache else None
     if row is not None:
         return Scanned(index, digest, row=row)
     try:
         # The same bytes the server would send the graph (HEIC, WebP, turned photos rewritten).
-        prepared = for_graph(data, inspect_image(data, limits))
+        prepared = for_graph(data, header, keep)
     except InvalidImageError as exc:
         return Scanned(index, digest, error=str(exc))
     return Scanned(index, digest, data=prepared)
@@ -201,6 +215,7 @@ def _scan(
     paths: Sequence[Path],
     cache: FeatureCache | None,
     limits: ImageLimits,
+    input_side: int,
     pool: ThreadPoolExecutor,
     window: int,
 ) -> Generator[Scanned, None, None]:
@@ -208,7 +223,7 @@ def _scan(
     ahead: deque[Future[Scanned]] = deque()
     try:
         for index, path in enumerate(paths):
-            ahead.append(pool.submit(scan_file, index, path, cache, limits))
+            ahead.append(pool.submit(scan_file, index, path, cache, limits, input_side))
             if len(ahead) >= window:
                 yield ahead.popleft().result()
         while ahead:

@@ -153,25 +153,33 @@ def features_of(photo: Image.Image, count: int) -> LocalFeatures:
 Box = tuple[float, float, float, float]
 
 
+#: The fewest pixels a side a region keeps from the decode before it is enlarged to
+#: `LOCAL_SIDE`: a large JPEG then decodes at a reduced scale (a 12-megapixel phone photo at
+#: half scale: a 0.4 crop keeps 605 pixels, not 1,210 shrunk to 640), and a region a little
+#: under `LOCAL_SIDE` loses nothing SIFT finds on it enlarged.
+FOCUS_REGION_SIDE = 480
+
+
 def focus_decode_side(box: Box) -> int:
-    """The longest side a photo is decoded at for the keypoints of `box` (left, top, right,
-    bottom, as shares of the photo): enough for the region to keep `LOCAL_SIDE` pixels."""
+    """The side a photo's shorter side keeps when it is decoded for the keypoints of `box`
+    (left, top, right, bottom, as shares of the photo): enough for the region to keep
+    `FOCUS_REGION_SIDE` pixels."""
     share = min(box[2] - box[0], box[3] - box[1])
-    return math.ceil(round(LOCAL_SIDE / share, 6))  # 0.7 - 0.3 is not quite 0.4
+    return math.ceil(round(FOCUS_REGION_SIDE / share, 6))  # 0.7 - 0.3 is not quite 0.4
 
 
-#: The most pixels a closer look decodes: a phone's JPEG of any size decodes at a reduced
-#: scale well under it (48 megapixels -> 3); a huge PNG or TIFF, which decodes whole, is not
-#: looked at closer (its memory, beside the decodes every request makes, broke the server's
-#: bound in tests/test_memory.py).
-FOCUS_MAX_PIXELS = 4_000_000
+#: The most pixels a closer look decodes: a camera's JPEG of any size up to 64 megapixels
+#: decodes at a reduced scale under it (12 -> 3, 24 -> 6, 48 -> 3); a huge PNG, which decodes
+#: whole, is not looked at closer (its memory, beside the decodes every request makes, broke
+#: the server's bound in tests/test_memory.py).
+FOCUS_MAX_PIXELS = 6_000_000
 
 
 def focus_decode_pixels(header: ImageHeader, box: Box) -> int | None:
-    """The pixels a closer look at `box` of this photo decodes, or None when that is beyond
-    `FOCUS_MAX_PIXELS` and the photo is not looked at closer (the server and training ask
-    the same question here)."""
-    decoded = header.decode_pixels(focus_decode_side(box))
+    """The pixels a closer look at `box` of this photo decodes (`focused_features`), or None
+    when that is beyond `FOCUS_MAX_PIXELS` and the photo is not looked at closer (the server
+    and training ask the same question here)."""
+    decoded = header.upright_pixels(focus_decode_side(box))
     return decoded if decoded <= FOCUS_MAX_PIXELS else None
 
 

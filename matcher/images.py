@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from matcher.errors import InvalidImageError
 from matcher.gif_frames import GifStructureError, largest_frame
-from matcher.pixels import decoding_errors, jpeg_scale
+from matcher.pixels import JPEG_SCALES, decoding_errors, jpeg_scale
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
@@ -85,6 +85,23 @@ class ImageHeader:
             return -(-self.width // scale) * -(-self.height // scale)
         return self.width * self.height + -(-self.frames_area // 3)
 
+    def upright_pixels(self, longest: int | None = None) -> int:
+        """The pixels `decode_upright(data, longest)` holds: a JPEG at the reduced DCT scale
+        Pillow's draft picks (the largest whose shorter side keeps `longest`), anything else
+        whole."""
+        if longest is None or self.format not in ("JPEG", "MPO"):
+            return self.width * self.height
+        scale = next(
+            s for s in JPEG_SCALES if s == 1 or min(self.width, self.height) // s >= longest
+        )
+        return -(-self.width // scale) * -(-self.height // scale)
+
+    def rewritten_pixels(self, keep: int) -> int:
+        """The pixels of the photo `for_graph(data, header, keep)` gives the graph: every
+        later decode of the request (its views, the graph's, its keypoints') reads that PNG
+        whole. 0 when the photo reaches the graph as it is."""
+        return self.upright_pixels(keep) if self.needs_rewrite else 0
+
 
 def load_image_readers() -> None:
     """Import every Pillow format plugin now (blocking, ~70 ms), not in the first request
@@ -101,13 +118,19 @@ def _register_heif() -> None:
     pillow_heif.register_heif_opener()
 
 
-def for_graph(data: bytes, header: ImageHeader) -> bytes:
+def for_graph(data: bytes, header: ImageHeader, keep: int) -> bytes:
     """The bytes the graph should decode: `data` itself, or, for a HEIC or WebP photo or one
     stored turned (EXIF orientation), its first frame upright as a PNG (blocking: a decode
-    and an encode; call it off an event loop)."""
+    and an encode; call it off an event loop).
+
+    A turned JPEG decodes at the reduced DCT scale that keeps `keep` pixels on its shorter
+    side (`matcher.views.rewrite_side`: what its finest view needs), as an upright one's views
+    are cut from such a decode: a turned 48-megapixel phone photo becomes a 3-megapixel PNG,
+    not a 48-megapixel one that every later decode of the request would read whole. HEIC and
+    WebP have no reduced scale and are rewritten whole."""
     if not header.needs_rewrite:
         return data
-    pixels = decode_upright(data)
+    pixels = decode_upright(data, keep)
     buffer = io.BytesIO()
     # Lossless, and the fastest level: the graph decodes it again at once.
     pixels.save(buffer, format="PNG", compress_level=1)

@@ -138,6 +138,7 @@ class FeatureActor:
                 "every node must see the same SavedModel at the same path"
             )
         self.dim = self.backend.info.feature_dim
+        self.side = self.backend.info.input_size
         self.cache = FeatureCache(Path(cache_root), cache_key, self.dim) if cache_root else None
         self.limits = limits
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="ray-features-read")
@@ -150,7 +151,8 @@ class FeatureActor:
         paths = [Path(str(p)) for p in batch["path"]]
         scanned = list(
             self.pool.map(
-                lambda i: scan_file(i, paths[i], self.cache, self.limits), range(len(paths))
+                lambda i: scan_file(i, paths[i], self.cache, self.limits, self.side),
+                range(len(paths)),
             )
         )
         computed, failures = compute_batch(self.backend, scanned)

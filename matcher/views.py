@@ -50,6 +50,10 @@ DEFAULT_VIEWS: ViewMode = "crops"
 #: A crop's side as a share of the photo's, and where the grid's crops start.
 CROP_SHARE = 0.4
 _GRID = (0.0, 0.3, 0.6)
+#: Input side assumed when neither the backend nor the classifier's report names one (a TF
+#: Serving backend's signature takes encoded strings): Inception v3's, the largest of the
+#: backbones export offers, so a view keeps more pixels, never fewer.
+FALLBACK_INPUT_SIDE = 299
 #: No view is kept larger than this many times the backbone's input side: more is resized
 #: away in the graph anyway, and would cost memory and time to encode.
 _OVERSAMPLE = 2
@@ -110,7 +114,7 @@ def render(graph_bytes: bytes, plan: Sequence[QueryView], input_side: int) -> li
     """The encoded views of `plan`, in order; the whole view is `graph_bytes` itself."""
     if all(view.is_whole for view in plan):
         return [graph_bytes for _ in plan]
-    photo = _decode(graph_bytes, _largest_needed(plan, input_side))
+    photo = _decode(graph_bytes, largest_needed(plan, input_side))
     return [
         graph_bytes if view.is_whole else _encode(_cut(photo, view, input_side)) for view in plan
     ]
@@ -123,7 +127,23 @@ def merge_similarity(per_view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return per_view[best_view, np.arange(per_view.shape[1])], best_view
 
 
-def _largest_needed(plan: Sequence[QueryView], input_side: int) -> int:
+def view_pixels(mode: str, input_side: int) -> int:
+    """The most pixels the views `render_views` cuts for `mode` hold (as BMP, until the model
+    has read them): each is at most `_OVERSAMPLE` times the input a side."""
+    cut = [view for view in PLANS[check_mode(mode)] if not view.is_whole]
+    return len(cut) * (_OVERSAMPLE * input_side) ** 2
+
+
+def rewrite_side(input_side: int) -> int:
+    """The shorter side a turned JPEG keeps when `images.for_graph` rewrites it upright: what
+    the finest view of any mode needs, so that its views are cut from the pixels an upright
+    photo's are (one rule for every mode, in training and serving alike). An unknown input side
+    (0) counts as `FALLBACK_INPUT_SIDE`."""
+    side = input_side or FALLBACK_INPUT_SIDE
+    return max(largest_needed(plan, side) for plan in PLANS.values())
+
+
+def largest_needed(plan: Sequence[QueryView], input_side: int) -> int:
     """The longest side the photo must keep so that its smallest view still has enough pixels."""
     smallest = min(min(v.box[2] - v.box[0], v.box[3] - v.box[1]) for v in plan)
     return int(np.ceil(_OVERSAMPLE * input_side / smallest))

@@ -4,12 +4,19 @@ served, a bounded wait, and nothing leaked when a caller goes away."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 
 import pytest
+from PIL import Image
 
 from matcher.admission import PixelBudget
+from matcher.core import request_pixels
 from matcher.errors import OverloadedError
-from matcher.images import ImageHeader
+from matcher.geometry import LOCAL_SIDE
+from matcher.images import ImageHeader, ImageLimits, decode_upright, for_graph, inspect_image
+from matcher.views import PLANS, largest_needed, rewrite_side, view_pixels
+from tests import hostile_corpus
 
 
 async def _holder(budget: PixelBudget, pixels: int, entered: list[int], leave: asyncio.Event):
@@ -93,3 +100,68 @@ def test_a_jpeg_costs_its_pixels_after_the_dct_scale_and_a_gif_its_frames_too() 
     # giflib holds each frame at a byte a pixel: a third of an RGB pixel.
     gif = ImageHeader("GIF", 1000, 1000, frames_area=3_000_000)
     assert gif.decode_pixels(224) == 1_000_000 + 1_000_000
+
+
+@functools.cache
+def _phone_jpeg(orientation: int) -> bytes:
+    """A phone's 12 megapixels (4032 x 3024), stored upright or turned (EXIF orientation)."""
+    from skimage import data
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = Image.fromarray(data.astronaut()).resize((4032, 3024))
+    return hostile_corpus.encode(photo, "JPEG", quality=85, exif=exif.tobytes())
+
+
+def _pixels(image: Image.Image) -> int:
+    return image.width * image.height
+
+
+def test_the_header_counts_the_pixels_each_decode_of_a_photo_really_holds() -> None:
+    data = _phone_jpeg(1)
+    header = inspect_image(data, ImageLimits())
+    for longest in (None, LOCAL_SIDE, 1120, 1512, 1513, 3024):
+        assert header.upright_pixels(longest) == _pixels(decode_upright(data, longest)), longest
+    # 3024 // 2 keeps 1,512 a side; one more pixel asked for and the decode is whole.
+    assert header.upright_pixels(1512) == 2016 * 1512
+    assert header.upright_pixels(1513) == 4032 * 3024
+
+
+def test_a_turned_phone_photo_is_rewritten_at_the_scale_its_views_need() -> None:
+    data = _phone_jpeg(6)
+    header = inspect_image(data, ImageLimits())
+    keep = rewrite_side(224)
+    # The finest view of any mode (a 0.4 crop, kept at twice the input a side) needs 1,120
+    # pixels on the shorter side: half scale keeps 1,512.
+    assert keep == max(largest_needed(plan, 224) for plan in PLANS.values()) == 1120
+    rewritten = Image.open(io.BytesIO(for_graph(data, header, keep)))
+    assert rewritten.format == "PNG" and rewritten.size == (1512, 2016)  # upright
+    assert header.rewritten_pixels(keep) == _pixels(rewritten)
+    # Not the 12 megapixels a whole rewrite held, which the graph's decode, the views' and
+    # the keypoints' then each read whole.
+    assert _pixels(rewritten) * 4 == header.width * header.height
+    # Stored upright, nothing is rewritten: the graph reads the JPEG itself.
+    upright = inspect_image(_phone_jpeg(1), ImageLimits())
+    assert upright.rewritten_pixels(keep) == 0
+    assert for_graph(_phone_jpeg(1), upright, keep) == _phone_jpeg(1)
+
+
+def test_a_request_is_admitted_by_the_most_its_decodes_hold_at_once() -> None:
+    turned = inspect_image(_phone_jpeg(6), ImageLimits())
+    upright = inspect_image(_phone_jpeg(1), ImageLimits())
+    png = 1512 * 2016  # the turned photo's upright PNG, which every later decode reads whole
+    views = view_pixels("crops", 224)
+    assert views == 9 * 448 * 448
+    # Turned: the PNG held to the end, the views, and the graph's decode of the PNG beside
+    # the keypoints' (each whole: a PNG has no reduced scale).
+    assert request_pixels(turned, "crops", 224, keypoints=True) == png + views + 2 * png
+    # Upright: the decode the crops are cut from (half scale: 1,512 keeps the 1,120 they
+    # need) outweighs the graph's (quarter scale) and the keypoints' (at most 640 a side).
+    cut = _pixels(decode_upright(_phone_jpeg(1), largest_needed(PLANS["crops"], 224)))
+    graph = upright.decode_pixels(224)
+    local = _pixels(decode_upright(_phone_jpeg(1), LOCAL_SIDE))
+    assert cut == 2016 * 1512 and graph == 1008 * 756 and cut > graph + local
+    assert request_pixels(upright, "crops", 224, keypoints=True) == views + cut
+    # The whole photo alone: no views, no cut; the graph's decode beside the keypoints'.
+    assert request_pixels(upright, "whole", 224, keypoints=True) == graph + local
+    assert request_pixels(upright, "whole", 224, keypoints=False) == graph

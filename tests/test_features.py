@@ -365,6 +365,7 @@ def test_features_equal_the_backend_on_real_files(embedded_backend, tmp_path: Pa
 
 def test_training_reads_phone_photos_as_the_server_does(tmp_path: Path, embedded_backend) -> None:
     from matcher.images import ImageLimits, for_graph, inspect_image
+    from matcher.views import rewrite_side
     from tests import hostile_corpus
 
     files = {
@@ -379,8 +380,32 @@ def test_training_reads_phone_photos_as_the_server_does(tmp_path: Path, embedded
     found = extract_features(paths, embedded_backend, None, progress=False)
     assert found.kept == [0, 1, 2] and not found.rejected
     # The bytes the server's core sends the graph (matcher.core: inspect, then for_graph).
-    served = [for_graph(data, inspect_image(data, ImageLimits())) for data in files.values()]
+    keep = rewrite_side(embedded_backend.info.input_size)
+    served = [for_graph(data, inspect_image(data, ImageLimits()), keep) for data in files.values()]
     np.testing.assert_allclose(found.features, embedded_backend.features(served), atol=1e-5)
     # And the turned photo is read upright, not as stored.
     stored = embedded_backend.features([files["turned.jpg"]])
     assert np.abs(found.features[0] - stored[0]).max() > 1e-2
+
+
+def test_a_rewritten_photos_features_are_cached_under_its_bytes_and_the_rewrite(
+    tmp_path: Path, embedded_backend
+) -> None:
+    from matcher.views import rewrite_side
+    from tests import hostile_corpus
+
+    turned, plain = tmp_path / "turned.jpg", tmp_path / "plain.png"
+    turned.write_bytes(hostile_corpus.exif_rotated_jpeg())
+    plain.write_bytes(good_images()["png"])
+    cache = FeatureCache(tmp_path / "cache", embedded_backend.info.cache_key)
+    first = extract_features([turned, plain], embedded_backend, cache, progress=False)
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (turned, plain)}
+    keep = rewrite_side(embedded_backend.info.input_size)
+    # The turned photo's features are those of its rewrite (turned upright at the scale `keep`
+    # picks): an entry a whole rewrite wrote under its bytes alone is not read for it.
+    np.testing.assert_array_equal(cache.get(f"{digest[turned]}-upright{keep}"), first.features[0])
+    assert cache.get(digest[turned]) is None
+    np.testing.assert_array_equal(cache.get(digest[plain]), first.features[1])
+    cache.put(digest[turned], np.zeros_like(first.features[0]))
+    again = extract_features([turned, plain], embedded_backend, cache, progress=False)
+    np.testing.assert_array_equal(again.features, first.features)

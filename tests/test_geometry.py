@@ -15,6 +15,8 @@ import matcher.core
 from matcher.errors import ModelLoadError
 from matcher.factory import make_core
 from matcher.geometry import (
+    FOCUS_MAX_PIXELS,
+    FOCUS_REGION_SIDE,
     LEANING_INLIERS,
     MIN_INLIERS,
     PROMOTION_MARGIN,
@@ -22,6 +24,7 @@ from matcher.geometry import (
     KeypointStore,
     LocalFeatures,
     answering,
+    focus_decode_pixels,
     focus_decode_side,
     focused_features,
     inliers,
@@ -29,7 +32,7 @@ from matcher.geometry import (
     local_features,
     verify_labels,
 )
-from matcher.images import decode_upright
+from matcher.images import ImageHeader, ImageLimits, decode_upright, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.layout import KEYPOINTS_FILE
 from matcher.views import PLANS
@@ -185,19 +188,28 @@ def test_each_label_is_looked_for_closer_only_where_it_was_found() -> None:
     assert max(elsewhere) < MIN_INLIERS, elsewhere
 
 
-def test_a_closer_look_at_a_large_photo_decodes_only_what_its_region_needs() -> None:
+def test_a_closer_look_at_a_phone_photo_decodes_only_what_its_region_needs() -> None:
     from skimage import data
 
-    assert focus_decode_side((0.0, 0.0, 1.0, 1.0)) == 640
-    assert focus_decode_side((0.3, 0.3, 0.7, 0.7)) == 1600  # 0.4 of 1,600 is 640
+    assert focus_decode_side((0.0, 0.0, 1.0, 1.0)) == FOCUS_REGION_SIDE
+    assert focus_decode_side((0.3, 0.3, 0.7, 0.7)) == 1200  # 0.4 of 1,200 is 480
     item = Image.fromarray(data.chelsea())
     reference = local_features(_jpeg(item), 500)
-    # A 4,000-pixel photo: JPEG's reduced scale decodes it at 2,000 (the least that keeps
-    # 1,600), which gives the region 800 pixels (shrunk to 640) and the item its keypoints.
-    photo = _jpeg(_small_on_texture(item, 0.2, side=4000))
-    assert decode_upright(photo, focus_decode_side((0.0, 0.0, 0.4, 0.4))).size == (2000, 2000)
+    # A phone's 12 megapixels (4032 x 3024): JPEG's half scale keeps 1,512 of 1,200, which
+    # gives the region 605 pixels (enlarged to 640) and the item its keypoints, from a
+    # 3-megapixel decode, within FOCUS_MAX_PIXELS (the whole photo's 12 are beyond it).
+    textured = _small_on_texture(item, 0.2, side=4032).resize((4032, 3024))
+    photo = _jpeg(textured)
     corner = (0.0, 0.0, 0.4, 0.4)
+    header = inspect_image(photo, ImageLimits())
+    decoded = decode_upright(photo, focus_decode_side(corner))
+    assert decoded.size == (2016, 1512)
+    assert focus_decode_pixels(header, corner) == 2016 * 1512 < header.width * header.height
+    assert header.width * header.height > FOCUS_MAX_PIXELS
     assert inliers(focused_features(photo, [corner])[0], reference) >= 2 * MIN_INLIERS
+    # A PNG has no reduced scale: one as large is not looked at closer.
+    png = ImageHeader("PNG", 4032, 3024)
+    assert focus_decode_pixels(png, corner) is None
 
 
 def test_geometry_ranks_a_verified_label_first_else_one_it_clearly_leans_to() -> None:
@@ -342,8 +354,8 @@ async def test_the_server_looks_closer_only_where_the_whole_photo_verifies_nothi
     finally:
         await core.close()
     # The turned photo (its whole verifies no label that may answer) is looked at closer as it was
-    # sent: its JPEG, decoded at a reduced scale as training decodes its files, not the
-    # graph's upright PNG, which decodes whole (and beyond FOCUS_MAX_PIXELS for a phone's).
+    # sent: its JPEG, decoded at the scale its crops need as training decodes its files, not
+    # the graph's upright PNG (cut at the scale the views need, and decoded whole).
     assert decoded[looked_upright:] and all(
         d == buffer.getvalue() for d in decoded[looked_upright:]
     )

@@ -234,7 +234,8 @@ def _big_png(width: int, height: int) -> bytes:
 
 async def test_sigterm_lets_calls_in_flight_finish_and_turns_new_ones_away(settings) -> None:
     # Calls that take seconds each (crops of a 24-megapixel PNG), so that they are in flight;
-    # four of them fit the default decode budget (100 megapixels) at once.
+    # two of them fill the default decode budget (100 megapixels: each holds ~50, its decode
+    # beside its keypoints' and its views), the other two wait behind them.
     big = _big_png(6000, 4000)
     process, port, log = await _start(
         "--model-dir", str(settings.model_dir), "--classifier", str(settings.classifier),
@@ -253,7 +254,7 @@ async def test_sigterm_lets_calls_in_flight_finish_and_turns_new_ones_away(setti
                 r"metrics on http://\S+:(\d+)", await log.wait_for(r"metrics on")
             )
             assert metrics
-            # Every call is in the server when the decode budget holds all four.
+            # The decode budget holds two calls' 96 megapixels and more: they are decoding.
             await _until_gauge(int(metrics[1]), "matcher_decode_pixels_in_flight", 4 * 24e6)
             process.send_signal(signal.SIGTERM)
             await log.wait_for(r"shutting down")

@@ -37,7 +37,7 @@ from matcher.geometry import MIN_INLIERS, QUERY_KEYPOINTS, KeypointStore
 from matcher.images import ImageLimits, for_graph, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.layout import TURN_MARK
-from matcher.views import PLANS, TURNED, QueryView, render
+from matcher.views import FALLBACK_INPUT_SIDE, PLANS, TURNED, QueryView, render, rewrite_side
 from train.field_photos import PER_PHOTO, field_versions
 from train.verification import (
     FocusedKeypoints,
@@ -66,7 +66,8 @@ def photo_views(
 ) -> np.ndarray:
     """float32 [count, len(plan), D]: the features of each photo's views, as the server
     computes them, for `count` encoded photos (readable ones: extraction read them first)."""
-    side = backend.info.input_size
+    # As the server cuts them (`MatcherCore._input_side`): TF Serving does not say its input.
+    side = backend.info.input_size or FALLBACK_INPUT_SIDE
     dim = backend.info.feature_dim
     features = np.zeros((count * len(plan), dim), np.float32)
     pending: list[tuple[int, bytes, str]] = []  # row, view, sha256
@@ -81,7 +82,8 @@ def photo_views(
 
     row = 0
     for data in tqdm(photos, total=count, desc=what, unit="photo", disable=not progress):
-        for view in render(for_graph(data, inspect_image(data, ImageLimits())), plan, side):
+        upright = for_graph(data, inspect_image(data, ImageLimits()), rewrite_side(side))
+        for view in render(upright, plan, side):
             digest = hashlib.sha256(view).hexdigest()
             found = cache.get(digest) if cache else None
             if found is not None:  # FeatureCache(dim=...) has checked its shape
