@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="send every query as a phone stores a photo: 4032 pixels on its longer side, "
         "JPEG q90, every other one stored turned (EXIF orientation 6)",
     )
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="measure each mode as served only, without its no-geometry row (half the time)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             data.out / "train", run, matcher, args.model_dir, args.work / "cache"
         )
         results[matcher] = asyncio.run(
-            evaluate(run, args.model_dir, queries, modes, phone_size=args.phone_size)
+            evaluate(run, args.model_dir, queries, modes, not args.served_only, args.phone_size)
         )
         print(f"trained and evaluated {matcher} (training {seconds[matcher]:.0f} s)")
     print_table(results)

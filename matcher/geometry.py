@@ -153,10 +153,11 @@ def features_of(photo: Image.Image, count: int) -> LocalFeatures:
 Box = tuple[float, float, float, float]
 
 
-#: The fewest pixels a side a region keeps from the decode before it is enlarged to
-#: `LOCAL_SIDE`: a large JPEG then decodes at a reduced scale (a 12-megapixel phone photo at
-#: half scale: a 0.4 crop keeps 605 pixels, not 1,210 shrunk to 640), and a region a little
-#: under `LOCAL_SIDE` loses nothing SIFT finds on it enlarged.
+#: The fewest pixels a region keeps from the decode on its shorter side. Regions are brought to
+#: `LOCAL_SIDE` on their longer side, so a 4:3 photo's region of 480 x 640 or more loses
+#: nothing: a 12-megapixel phone photo decodes at half scale (a 0.4 crop is 806 x 605, shrunk
+#: to 640 x 480 as from the whole decode, whose 1,613 x 1,210 the old rule asked for); only a
+#: near-square photo's region can be enlarged, by at most 640 / 480.
 FOCUS_REGION_SIDE = 480
 
 

@@ -196,8 +196,8 @@ def test_a_closer_look_at_a_phone_photo_decodes_only_what_its_region_needs() -> 
     item = Image.fromarray(data.chelsea())
     reference = local_features(_jpeg(item), 500)
     # A phone's 12 megapixels (4032 x 3024): JPEG's half scale keeps 1,512 of 1,200, which
-    # gives the region 605 pixels (enlarged to 640) and the item its keypoints, from a
-    # 3-megapixel decode, within FOCUS_MAX_PIXELS (the whole photo's 12 are beyond it).
+    # gives the region 806 x 605 (brought to 640 x 480, as from the whole decode) and the item
+    # its keypoints, from a 3-megapixel decode within FOCUS_MAX_PIXELS (the whole 12 are not).
     textured = _small_on_texture(item, 0.2, side=4032).resize((4032, 3024))
     photo = _jpeg(textured)
     corner = (0.0, 0.0, 0.4, 0.4)

@@ -354,3 +354,20 @@ print("heavy:", heavy)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "heavy: []"
+
+
+def test_training_cuts_views_for_tf_serving_as_the_server_does(double) -> None:
+    from matcher.views import FALLBACK_INPUT_SIDE, PLANS, TURNED, render
+    from train.photo_views import photo_views
+
+    # TF Serving's signature takes encoded strings: the backend cannot say its input side (0),
+    # and the views are cut for the fallback, as the server's core cuts them; a side of 0 had
+    # made every view of every photo "could not be decoded" (a division by zero in the draft).
+    backend = backend_for(double.target)
+    backend.load()
+    assert backend.info.input_size == 0
+    photo = samples.jpeg()
+    plan = (PLANS["crops"][1], *TURNED)
+    found = photo_views([photo], 1, plan, backend)
+    expected = backend.features(render(photo, plan, FALLBACK_INPUT_SIDE))
+    np.testing.assert_allclose(found[0], expected, atol=1e-6)
