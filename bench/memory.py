@@ -6,7 +6,9 @@ largest after the reduced DCT scale (10000 x 895: a scale of 1), a GIF of 50 meg
 the largest 24-bit BMP within the receive limit; and two JPEGs stored turned (EXIF
 orientation 6, as phones store photos), which `for_graph` rewrites as upright PNGs that every
 later decode reads whole: the one whose rewrite is largest (10000 x 2239, a scale of 1) and a
-square 50 megapixels (at a quarter scale). Each concurrency level sends that many Match
+square 50 megapixels (at a quarter scale); a progressive JPEG of 50 megapixels, whose
+coefficients libjpeg holds whole at any scale, and a WebP of 50 megapixels, which decodes
+whole to be rewritten. Each concurrency level sends that many Match
 calls at once (the images in turn), with the server's default views, and reads the
 processes' peak resident memory (VmHWM, reset before each level through /proc/PID/clear_refs).
 Every answer must be OK or RESOURCE_EXHAUSTED (too many waiting for the decode budget or the
@@ -47,10 +49,11 @@ from bench.startup import (
     start_double,
     wait_for_double,
 )
+from matcher.core import request_pixels
 from matcher.images import ImageHeader, ImageLimits, inspect_image
 from matcher.settings import CoreSettings
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
-from matcher.views import rewrite_side
+from matcher.views import DEFAULT_VIEWS, rewrite_side
 
 #: Answers that are the documented response to overload; any other is a lost request.
 EXPECTED = ("OK", "RESOURCE_EXHAUSTED")
@@ -127,20 +130,23 @@ def worst_case_images(
         "BMP": _encode(_flat(bmp_side, bmp_side), "BMP"),
         "JPEG turned": _turned_jpeg(turned_w, turned_h),
         "JPEG turned, square": _turned_jpeg(side, side),
+        # libjpeg holds a progressive JPEG's coefficients whole at any scale: 4:4:4, the most.
+        "JPEG progressive": _encode(
+            _flat(side, side), "JPEG", quality=90, progressive=True, subsampling=0
+        ),
+        "WebP": _encode(_flat(side, side), "WEBP", quality=80),
     }
 
 
 def describe(images: dict[str, bytes], input_side: int = INPUT_SIDE) -> dict[str, str]:
-    """Each image's size, bytes and decode cost, for the printout."""
+    """Each image's size, bytes and what the decode budget admits it for (the default views,
+    geometry on: `request_pixels`), for the printout."""
     described = {}
     for fmt, data in images.items():
         header = inspect_image(data, ImageLimits(max_side=MAX_SIDE, max_pixels=MAX_PIXELS))
-        decoded = header.rewritten_pixels(rewrite_side(input_side)) or header.decode_pixels(
-            input_side
-        )
+        held = request_pixels(header, DEFAULT_VIEWS, input_side, keypoints=True)
         described[fmt] = (
-            f"{header.width}x{header.height}, {len(data) / 1e3:.0f} KB, decodes "
-            f"{decoded / 1e6:.1f} MP"
+            f"{header.width}x{header.height}, {len(data) / 1e3:.0f} KB, holds {held / 1e6:.1f} MP"
         )
     return described
 

@@ -1,12 +1,12 @@
 """A pixel budget for the images being decoded at once: decode memory bounded by construction.
 
 A request's cost is known from its header before anything is decoded
-(`ImageHeader.decode_pixels`): a 160 KB PNG can declare 50 megapixels, 150 MB of decoded pixels.
-Counting requests cannot bound that; counting their pixels can. A request holds its pixels from
-admission until its answer, through every decode it causes (the transcode of a phone photo,
-the views cut from it, the graph's or Pillow's decode before the network), so the decodes in
-flight never hold more than the budget (times the bytes a pixel costs: docs/benchmarks.md,
-"Decode memory").
+(`matcher.core.request_pixels`): a 160 KB PNG can declare 50 megapixels, 150 MB of decoded
+pixels. Counting requests cannot bound that; counting their pixels can. A request holds the
+most its decodes hold at once from admission until its answer (the transcode of a phone photo,
+the views cut from it, the graph's or Pillow's decode before the network, its keypoints'), so
+the decodes in flight never hold more than the budget, or one request alone where it is larger
+(times the bytes a pixel costs: docs/benchmarks.md, "Decode memory").
 
 Requests are admitted first come, first served: one that does not fit waits, and the requests
 after it wait behind it, so a large photo is not starved by a stream of small ones. At most
@@ -46,7 +46,9 @@ class PixelBudget:
         """Hold `pixels` of the budget for the duration of the block (waiting for them first).
 
         A request larger than the whole budget is held as the budget itself: it runs alone.
-        (The settings keep the budget at least the largest image allowed, so none is.)"""
+        (The settings keep the budget at least the largest image allowed; a request for one can
+        still hold twice it, the graph's decode beside the keypoints' of a PNG, which has no
+        reduced scale: decode memory is then bounded by that one request.)"""
         pixels = min(max(pixels, 1), self.capacity)
         await self._acquire(pixels)
         try:

@@ -475,17 +475,25 @@ def request_pixels(header: ImageHeader, mode: str, input_side: int, keypoints: b
     """The most pixels one request's decodes hold at once (`_answers`), by its header: what
     the decode budget admits it by.
 
-    In turn: `for_graph`'s rewrite (HEIC, WebP, turned), whose PNG is held to the end and which
-    every later decode then reads whole; the decode the views are cut from (`render_views`);
-    and, while the views wait for the model, the graph's decode beside the keypoints' (at most
-    `LOCAL_SIDE` a side, a JPEG at a reduced scale)."""
-    rewritten = header.rewritten_pixels(rewrite_side(input_side))
-    graph = rewritten or header.decode_pixels(input_side)
-    local = (rewritten or header.upright_pixels(LOCAL_SIDE)) if keypoints else 0
+    In turn: `for_graph`'s rewrite (HEIC, WebP, turned: its decode and the reduced PNG), whose
+    PNG is held to the end and which every later decode then reads whole; the decode the views
+    are cut from (`render_views`); and, while the views wait for the model, the graph's decode
+    beside the keypoints' (a decode at most `LOCAL_SIDE` a side, a JPEG at a reduced scale, and
+    its grey copy, a quarter of it) and the graph's of the views. A request above the whole
+    budget (a 50-megapixel PNG: its decode beside its keypoints') runs alone."""
+    keep = rewrite_side(input_side)
+    rewritten = header.rewritten_pixels(keep)
+    rewrite = header.upright_pixels(keep) + rewritten if rewritten else 0
+    views = view_pixels(mode, input_side)
+    graph = (rewritten or header.decode_pixels(input_side)) + views
+    local = 0
+    if keypoints:
+        decoded = rewritten or header.upright_pixels(LOCAL_SIDE)
+        local = decoded + -(-decoded // 4)
     cut = 0
     if mode != "whole":
         cut = rewritten or header.upright_pixels(largest_needed(PLANS[mode], input_side))
-    return rewritten + view_pixels(mode, input_side) + max(cut, graph + local)
+    return max(rewrite, rewritten + views + max(cut, graph + local))
 
 
 def check_fit(backbone: BackboneInfo, classifier: Classifier) -> None:

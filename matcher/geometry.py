@@ -169,11 +169,13 @@ def focus_decode_side(box: Box) -> int:
     return math.ceil(round(FOCUS_REGION_SIDE / share, 6))  # 0.7 - 0.3 is not quite 0.4
 
 
-#: The most pixels a closer look decodes: a camera's JPEG of any size up to 64 megapixels
-#: decodes at a reduced scale under it (12 -> 3, 24 -> 6, 48 -> 3); a huge PNG, which decodes
-#: whole, is not looked at closer (its memory, beside the decodes every request makes, broke
-#: the server's bound in tests/test_memory.py).
-FOCUS_MAX_PIXELS = 6_000_000
+#: The most pixels a closer look decodes: a camera's 4:3 or 3:2 JPEG of any size decodes at a
+#: reduced scale under it (at most 8.6 megapixels, just under 4,800 on the shorter side; 12 ->
+#: 3, 24 -> 6, 48 -> 3), and a 16:9 one up to 2,370 on its shorter side or from 2,400 (a
+#: 12-megapixel 16:9 frame: 9.1 whole); a huge PNG, which decodes whole, is not looked at closer
+#: (its memory, beside the decodes every request makes, broke the server's bound in
+#: tests/test_memory.py).
+FOCUS_MAX_PIXELS = 10_000_000
 
 
 def focus_decode_pixels(header: ImageHeader, box: Box) -> int | None:

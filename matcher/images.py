@@ -67,6 +67,9 @@ class ImageHeader:
     orientation: int = 1
     #: GIF: the pixels of all its frames together (the decoder reads every frame).
     frames_area: int = 0
+    #: A progressive JPEG: libjpeg holds the whole photo's DCT coefficients while it decodes,
+    #: at any reduced scale.
+    progressive: bool = False
 
     @property
     def needs_rewrite(self) -> bool:
@@ -81,26 +84,37 @@ class ImageHeader:
         decoders do); a GIF's decoder also holds every frame at one byte a pixel (a third of
         an RGB pixel); every other format decodes whole."""
         if self.format in ("JPEG", "MPO"):
-            scale = jpeg_scale(self.width, self.height, input_size)
-            return -(-self.width // scale) * -(-self.height // scale)
+            return self._scaled(jpeg_scale(self.width, self.height, input_size))
         return self.width * self.height + -(-self.frames_area // 3)
 
     def upright_pixels(self, longest: int | None = None) -> int:
         """The pixels `decode_upright(data, longest)` holds: a JPEG at the reduced DCT scale
-        Pillow's draft picks (the largest whose shorter side keeps `longest`), anything else
-        whole."""
+        Pillow's draft picks (`keeping`), anything else whole."""
         if longest is None or self.format not in ("JPEG", "MPO"):
             return self.width * self.height
-        scale = next(
-            s for s in JPEG_SCALES if s == 1 or min(self.width, self.height) // s >= longest
-        )
-        return -(-self.width // scale) * -(-self.height // scale)
+        return self._scaled(self.keeping(longest))
 
     def rewritten_pixels(self, keep: int) -> int:
-        """The pixels of the photo `for_graph(data, header, keep)` gives the graph: every
-        later decode of the request (its views, the graph's, its keypoints') reads that PNG
-        whole. 0 when the photo reaches the graph as it is."""
-        return self.upright_pixels(keep) if self.needs_rewrite else 0
+        """The pixels of the PNG `for_graph(data, header, keep)` gives the graph, which every
+        later decode of the request (its views, the graph's, its keypoints') reads whole; 0
+        when the photo reaches the graph as it is."""
+        if not self.needs_rewrite:
+            return 0
+        scale = self.keeping(keep)
+        return -(-self.width // scale) * -(-self.height // scale)
+
+    def keeping(self, side: int) -> int:
+        """The largest reduced scale (8, 4, 2 or 1) whose shorter side still keeps `side`
+        pixels: Pillow's JPEG draft rule, and the rewrite's for every format."""
+        shorter = min(self.width, self.height)
+        return next(s for s in JPEG_SCALES if s == 1 or shorter // s >= side)
+
+    def _scaled(self, scale: int) -> int:
+        """A JPEG decoded at `scale`, with, for a progressive one, its coefficients: 2 bytes
+        each, up to three a pixel (4:4:4 sampling; 50 megapixels held 292 MB, measured),
+        counted as two RGB pixels a pixel."""
+        coefficients = 2 * self.width * self.height if self.progressive else 0
+        return -(-self.width // scale) * -(-self.height // scale) + coefficients
 
 
 def load_image_readers() -> None:
@@ -123,14 +137,18 @@ def for_graph(data: bytes, header: ImageHeader, keep: int) -> bytes:
     stored turned (EXIF orientation), its first frame upright as a PNG (blocking: a decode
     and an encode; call it off an event loop).
 
-    A turned JPEG decodes at the reduced DCT scale that keeps `keep` pixels on its shorter
-    side (`matcher.views.rewrite_side`: what its finest view needs), as an upright one's views
-    are cut from such a decode: a turned 48-megapixel phone photo becomes a 3-megapixel PNG,
-    not a 48-megapixel one that every later decode of the request would read whole. HEIC and
-    WebP have no reduced scale and are rewritten whole."""
+    The PNG keeps `keep` pixels on its shorter side at the largest scale of 1/2, 1/4, 1/8
+    that does (`matcher.views.rewrite_side`: what the finest view needs; an upright JPEG's
+    views are cut from such a decode): a turned JPEG decodes at that DCT scale, a HEIC or WebP
+    decodes whole and is reduced by the factor (a box filter, as the DCT scale is nearly). A
+    turned 48-megapixel phone photo becomes a 3-megapixel PNG, not a 48-megapixel one that
+    every later decode of the request would read whole (`ImageHeader.rewritten_pixels`)."""
     if not header.needs_rewrite:
         return data
     pixels = decode_upright(data, keep)
+    scale = header.keeping(keep) if header.format not in ("JPEG", "MPO") else 1
+    if scale > 1:
+        pixels = pixels.reduce(scale)
     buffer = io.BytesIO()
     # Lossless, and the fastest level: the graph decodes it again at once.
     pixels.save(buffer, format="PNG", compress_level=1)
@@ -140,12 +158,14 @@ def for_graph(data: bytes, header: ImageHeader, keep: int) -> bytes:
 def decode_upright(data: bytes, longest: int | None = None) -> Image.Image:
     """The first frame of `data`, turned upright by its EXIF orientation, as RGB, as the graph's
     decoder gives it (channels=3 drops alpha and expands grey). With `longest`, a JPEG decodes
-    at the reduced DCT scale that still keeps that many pixels a side (blocking).
+    at the reduced DCT scale that still keeps that many pixels a side; any other format whole
+    (a HEIC's embedded thumbnail, which pillow-heif's draft would pick, is never read)
+    (blocking).
 
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
     with decoding_errors():
         image = Image.open(io.BytesIO(data))
-        if longest is not None:
+        if longest is not None and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (longest, longest))
         image.load()
         # In place and only when needed: each copy of a 50-megapixel photo is 200 MB.
@@ -234,7 +254,10 @@ def _read_header(data: bytes) -> ImageHeader:
                 fmt = image.format or "unknown"
                 # A PNG's EXIF is read from its chunks (`_check_png_chunks`), not by Pillow.
                 orientation = 1 if fmt == "PNG" else _orientation(image)
-                return ImageHeader(fmt, image.width, image.height, image.mode, orientation)
+                progressive = fmt in ("JPEG", "MPO") and bool(image.info.get("progressive"))
+                return ImageHeader(
+                    fmt, image.width, image.height, image.mode, orientation, 0, progressive
+                )
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image dimensions are far above the size limit: {exc}") from exc
     except Exception as exc:

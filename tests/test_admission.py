@@ -7,6 +7,7 @@ import asyncio
 import functools
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -152,16 +153,57 @@ def test_a_request_is_admitted_by_the_most_its_decodes_hold_at_once() -> None:
     png = 1512 * 2016  # the turned photo's upright PNG, which every later decode reads whole
     views = view_pixels("crops", 224)
     assert views == 9 * 448 * 448
-    # Turned: the PNG held to the end, the views, and the graph's decode of the PNG beside
-    # the keypoints' (each whole: a PNG has no reduced scale).
-    assert request_pixels(turned, "crops", 224, keypoints=True) == png + views + 2 * png
-    # Upright: the decode the crops are cut from (half scale: 1,512 keeps the 1,120 they
-    # need) outweighs the graph's (quarter scale) and the keypoints' (at most 640 a side).
+    # Turned: the PNG held to the end, the views, and the graph's decode of the PNG and of the
+    # views beside the keypoints' (each whole: a PNG has no reduced scale) and its grey copy.
+    grey = png // 4
+    assert request_pixels(turned, "crops", 224, keypoints=True) == png + views + (
+        png + views + png + grey
+    )
+    # Upright: first the decode the crops are cut from (half scale: 1,512 keeps the 1,120 they
+    # need), then, the views held, the graph's decode (quarter scale) and its views' beside the
+    # keypoints' (quarter scale too: 756 keeps 640) and its grey copy: the larger, here.
     cut = _pixels(decode_upright(_phone_jpeg(1), largest_needed(PLANS["crops"], 224)))
     graph = upright.decode_pixels(224)
     local = _pixels(decode_upright(_phone_jpeg(1), LOCAL_SIDE))
-    assert cut == 2016 * 1512 and graph == 1008 * 756 and cut > graph + local
-    assert request_pixels(upright, "crops", 224, keypoints=True) == views + cut
+    assert cut == 2016 * 1512 and graph == local == 1008 * 756
+    later = graph + views + local + local // 4
+    assert later > cut
+    assert request_pixels(upright, "crops", 224, keypoints=True) == views + later
+    assert request_pixels(upright, "crops", 224, keypoints=False) == views + cut
     # The whole photo alone: no views, no cut; the graph's decode beside the keypoints'.
-    assert request_pixels(upright, "whole", 224, keypoints=True) == graph + local
+    assert request_pixels(upright, "whole", 224, keypoints=True) == graph + local + local // 4
     assert request_pixels(upright, "whole", 224, keypoints=False) == graph
+
+
+def test_a_progressive_jpeg_costs_its_coefficients_too() -> None:
+    # libjpeg holds a progressive JPEG's DCT coefficients for the whole photo while it decodes,
+    # at any reduced scale (50 megapixels at 1/8: 292 MB at 4:4:4, against 6 MB baseline).
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((4032, 3024))
+    baseline = inspect_image(hostile_corpus.encode(photo, "JPEG"), ImageLimits())
+    progressive = inspect_image(
+        hostile_corpus.encode(photo, "JPEG", progressive=True), ImageLimits()
+    )
+    assert progressive.progressive and not baseline.progressive
+    whole = 4032 * 3024
+    assert progressive.decode_pixels(224) == baseline.decode_pixels(224) + 2 * whole
+    assert progressive.upright_pixels(LOCAL_SIDE) == baseline.upright_pixels(LOCAL_SIDE) + 2 * whole
+
+
+def test_a_large_webp_is_rewritten_reduced_and_admitted_for_its_decode() -> None:
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((4032, 3024))
+    webp = hostile_corpus.encode(photo, "WEBP", quality=80)
+    header = inspect_image(webp, ImageLimits())
+    keep = rewrite_side(224)
+    # No reduced scale to decode at: decoded whole, then reduced by half (the largest factor
+    # that keeps 1,120 on the shorter side), so later decodes read 3 megapixels, not 12.
+    rewritten = Image.open(io.BytesIO(for_graph(webp, header, keep)))
+    assert rewritten.size == (2016, 1512) == photo.reduce(2).size
+    assert header.rewritten_pixels(keep) == _pixels(rewritten)
+    np.testing.assert_array_equal(np.asarray(rewritten), np.asarray(decode_upright(webp).reduce(2)))
+    # Admitted for the most held at once: the rewrite's whole decode and its reduced copy.
+    png = 2016 * 1512
+    assert request_pixels(header, "crops", 224, keypoints=True) == 4032 * 3024 + png

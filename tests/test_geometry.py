@@ -207,6 +207,10 @@ def test_a_closer_look_at_a_phone_photo_decodes_only_what_its_region_needs() -> 
     assert focus_decode_pixels(header, corner) == 2016 * 1512 < header.width * header.height
     assert header.width * header.height > FOCUS_MAX_PIXELS
     assert inliers(focused_features(photo, [corner])[0], reference) >= 2 * MIN_INLIERS
+    # Other cameras' frames: a 24.5-megapixel 4:3 one at half scale, a 12-megapixel 16:9 one
+    # whole (its shorter side, 2,268, is under twice 1,200), both within FOCUS_MAX_PIXELS.
+    assert focus_decode_pixels(ImageHeader("JPEG", 5712, 4284), corner) == 2856 * 2142
+    assert focus_decode_pixels(ImageHeader("JPEG", 4032, 2268), corner) == 4032 * 2268
     # A PNG has no reduced scale: one as large is not looked at closer.
     png = ImageHeader("PNG", 4032, 3024)
     assert focus_decode_pixels(png, corner) is None

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from matcher.classifier import Classifier
-from matcher.core import check_fit
+from matcher.core import check_fit, request_pixels
 from matcher.errors import ModelLoadError
+from matcher.images import ImageLimits, inspect_image
 from matcher.v1 import matcher_pb2, matcher_pb2_grpc
 from tests import samples
 from tests.conftest import copy_small_catalogue
@@ -233,10 +234,12 @@ def _big_png(width: int, height: int) -> bytes:
 
 
 async def test_sigterm_lets_calls_in_flight_finish_and_turns_new_ones_away(settings) -> None:
-    # Calls that take seconds each (crops of a 24-megapixel PNG), so that they are in flight;
-    # two of them fill the default decode budget (100 megapixels: each holds ~50, its decode
+    # Calls that take seconds each (crops of a 15-megapixel PNG), so that they are in flight;
+    # two of them fit the default decode budget (100 megapixels: each holds ~38, its decode
     # beside its keypoints' and its views), the other two wait behind them.
-    big = _big_png(6000, 4000)
+    big = _big_png(4800, 3200)
+    one = request_pixels(inspect_image(big, ImageLimits()), "crops", 224, keypoints=True)
+    assert 2 * one <= 100e6 < 3 * one
     process, port, log = await _start(
         "--model-dir", str(settings.model_dir), "--classifier", str(settings.classifier),
         "--grace-s", "120", "--views", "crops",
@@ -254,8 +257,8 @@ async def test_sigterm_lets_calls_in_flight_finish_and_turns_new_ones_away(setti
                 r"metrics on http://\S+:(\d+)", await log.wait_for(r"metrics on")
             )
             assert metrics
-            # The decode budget holds two calls' 96 megapixels and more: they are decoding.
-            await _until_gauge(int(metrics[1]), "matcher_decode_pixels_in_flight", 4 * 24e6)
+            # The decode budget holds two calls: they are decoding.
+            await _until_gauge(int(metrics[1]), "matcher_decode_pixels_in_flight", 2 * one)
             process.send_signal(signal.SIGTERM)
             await log.wait_for(r"shutting down")
             # Calls that still got in are answered; from the stop on, UNAVAILABLE.
