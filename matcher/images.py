@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from matcher.errors import InvalidImageError
 from matcher.gif_frames import GifStructureError, largest_frame
-from matcher.pixels import JPEG_SCALES, decoding_errors, jpeg_scale
+from matcher.pixels import JPEG_FORMATS, JPEG_SCALES, decoding_errors, jpeg_scale
 
 #: Formats the in-graph decoder (tf.io.decode_image) handles, as Pillow names them. Pillow calls
 #: a JPEG with extra pictures (phone cameras' MPF) "MPO"; the decoder reads its first picture.
@@ -83,14 +83,14 @@ class ImageHeader:
         A large JPEG decodes at a reduced DCT scale (`matcher.pixels.jpeg_scale`, as both
         decoders do); a GIF's decoder also holds every frame at one byte a pixel (a third of
         an RGB pixel); every other format decodes whole."""
-        if self.format in ("JPEG", "MPO"):
+        if self.format in JPEG_FORMATS:
             return self._scaled(jpeg_scale(self.width, self.height, input_size))
         return self.width * self.height + -(-self.frames_area // 3)
 
     def upright_pixels(self, longest: int | None = None) -> int:
         """The pixels `decode_upright(data, longest)` holds: a JPEG at the reduced DCT scale
         Pillow's draft picks (`keeping`), anything else whole."""
-        if longest is None or self.format not in ("JPEG", "MPO"):
+        if longest is None or self.format not in JPEG_FORMATS:
             return self.width * self.height
         return self._scaled(self.keeping(longest))
 
@@ -98,10 +98,7 @@ class ImageHeader:
         """The pixels of the PNG `for_graph(data, header, keep)` gives the graph, which every
         later decode of the request (its views, the graph's, its keypoints') reads whole; 0
         when the photo reaches the graph as it is."""
-        if not self.needs_rewrite:
-            return 0
-        scale = self.keeping(keep)
-        return -(-self.width // scale) * -(-self.height // scale)
+        return self._reduced(self.keeping(keep)) if self.needs_rewrite else 0
 
     def keeping(self, side: int) -> int:
         """The largest reduced scale (8, 4, 2 or 1) whose shorter side still keeps `side`
@@ -114,7 +111,12 @@ class ImageHeader:
         each, up to three a pixel (4:4:4 sampling; 50 megapixels held 292 MB, measured),
         counted as two RGB pixels a pixel."""
         coefficients = 2 * self.width * self.height if self.progressive else 0
-        return -(-self.width // scale) * -(-self.height // scale) + coefficients
+        return self._reduced(scale) + coefficients
+
+    def _reduced(self, scale: int) -> int:
+        """The pixels of this image reduced by `scale` (each side rounded up, as libjpeg's
+        scaled IDCT and `Image.reduce` round it)."""
+        return -(-self.width // scale) * -(-self.height // scale)
 
 
 def load_image_readers() -> None:
@@ -145,9 +147,8 @@ def for_graph(data: bytes, header: ImageHeader, keep: int) -> bytes:
     every later decode of the request would read whole (`ImageHeader.rewritten_pixels`)."""
     if not header.needs_rewrite:
         return data
-    pixels = decode_upright(data, keep)
-    scale = header.keeping(keep) if header.format not in ("JPEG", "MPO") else 1
-    if scale > 1:
+    pixels = decode_upright(data, keep)  # a JPEG: already at its scale
+    if header.format not in JPEG_FORMATS and (scale := header.keeping(keep)) > 1:
         pixels = pixels.reduce(scale)
     buffer = io.BytesIO()
     # Lossless, and the fastest level: the graph decodes it again at once.
@@ -165,7 +166,7 @@ def decode_upright(data: bytes, longest: int | None = None) -> Image.Image:
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
     with decoding_errors():
         image = Image.open(io.BytesIO(data))
-        if longest is not None and image.format in ("JPEG", "MPO"):
+        if longest is not None and image.format in JPEG_FORMATS:
             image.draft("RGB", (longest, longest))
         image.load()
         # In place and only when needed: each copy of a 50-megapixel photo is 200 MB.
@@ -254,7 +255,7 @@ def _read_header(data: bytes) -> ImageHeader:
                 fmt = image.format or "unknown"
                 # A PNG's EXIF is read from its chunks (`_check_png_chunks`), not by Pillow.
                 orientation = 1 if fmt == "PNG" else _orientation(image)
-                progressive = fmt in ("JPEG", "MPO") and bool(image.info.get("progressive"))
+                progressive = fmt in JPEG_FORMATS and bool(image.info.get("progressive"))
                 return ImageHeader(
                     fmt, image.width, image.height, image.mode, orientation, 0, progressive
                 )

@@ -31,6 +31,8 @@ from PIL import Image
 
 from matcher.errors import InvalidImageError
 
+#: Pillow's names for JPEG files: a phone camera's JPEG with extra pictures (MPF) is "MPO".
+JPEG_FORMATS = ("JPEG", "MPO")
 #: libjpeg's reduced DCT scales, largest first; the graph's decoder uses these too
 #: (`matcher.preprocess`).
 JPEG_SCALES = (8, 4, 2, 1)
@@ -69,7 +71,7 @@ def decode(data: bytes, size: int | None = None) -> Image.Image:
     InvalidImageError, with Pillow's reason on one line, when the pixels cannot be decoded."""
     with decoding_errors():
         image = Image.open(io.BytesIO(data))
-        if size is not None and image.format in ("JPEG", "MPO"):
+        if size is not None and image.format in JPEG_FORMATS:
             scale = jpeg_scale(image.width, image.height, size)
             if scale > 1:
                 # Pillow picks the largest scale whose result is at least the size asked
