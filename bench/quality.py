@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="measure each mode as served only, without its no-geometry row (half the time)",
     )
+    parser.add_argument(
+        "--no-outside",
+        action="store_true",
+        help="train without the catalogue's outside photos (train/_outside/), as a catalogue "
+        "without any is calibrated: the catalogue's own photos stand in for them",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -104,11 +110,18 @@ def as_phone_photo(data: bytes, turned: bool) -> bytes:
     return buffer.getvalue()
 
 
-def train_run(data: Path, out: Path, matcher: str, model_dir: Path, cache: Path) -> float:
-    """Train as a user does (the CLI, its defaults); the seconds it took."""
+def train_run(
+    data: Path, out: Path, matcher: str, model_dir: Path, cache: Path, outside: bool = True
+) -> float:
+    """Train as a user does (the CLI, its defaults); the seconds it took. Without `outside`,
+    the catalogue's `_outside/` photos are not used (`--outside` names an empty folder)."""
     command = [sys.executable, "-m", "train", str(data), "--out", str(out)]
     command += ["--model-dir", str(model_dir), "--matcher", matcher, "--cache-dir", str(cache)]
     command += ["--no-progress", "--no-report"]
+    if not outside:
+        empty = out.parent / "no-outside"
+        empty.mkdir(parents=True, exist_ok=True)
+        command += ["--outside", str(empty)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - started
@@ -277,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.phone_size
             else ""
         )
+        + ("; trained without the outside photos" if args.no_outside else "")
     )
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for matcher in matchers:
         run = args.work / "runs" / matcher
         seconds[matcher] = train_run(
-            data.out / "train", run, matcher, args.model_dir, args.work / "cache"
+            data.out / "train",
+            run,
+            matcher,
+            args.model_dir,
+            args.work / "cache",
+            not args.no_outside,
         )
         results[matcher] = asyncio.run(
             evaluate(run, args.model_dir, queries, modes, not args.served_only, args.phone_size)
@@ -304,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "items": len(data.labels),
             "training_seconds": seconds,
             "phone_size": args.phone_size,
+            "outside_calibration": not args.no_outside,
             "results": results,
         }
         if agreement is not None:

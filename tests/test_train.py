@@ -19,7 +19,9 @@ from matcher.views import PLANS, VIEW_MODES
 from tests import samples
 from tests.cli_output import run_module
 from train import pipeline
+from train.field_photos import field_kinds
 from train.pipeline import TrainConfig, train
+from train.verification import TARGET_FALSE_ACCEPT
 
 
 def small_dataset(demo, root: Path, labels: int = 3, per_label: int = 6) -> Path:
@@ -78,6 +80,30 @@ def test_a_rerun_takes_every_feature_from_the_cache(demo, embedded_backend, tmp_
     assert first.report["data"]["features_computed"] == 18
     assert second.report["data"]["features_computed"] == 0
     assert second.report["data"]["features_cached"] == 19
+
+
+def test_without_outside_photos_the_catalogues_own_photos_stand_in_for_them(
+    demo, embedded_backend, tmp_path
+) -> None:
+    data = small_dataset(demo, tmp_path / "data", labels=4)
+    config = TrainConfig(
+        data=data,
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        matcher="knn",
+        progress=False,
+    )
+    report = train(config, embedded_backend).report
+    for mode, found in report["verification"]["views"].items():
+        photos = found["calibration_photos"]
+        # Each held-out photo and its field versions but those on clutter (cut from the other
+        # items' photos), each scored on the items it is not (the demo's items have no twins).
+        versions = [kind for kind in field_kinds(photos) if kind != "small_on_clutter"]
+        assert found["outside_photos"] == 0 and found["false_accept_rate"] is None, mode
+        assert found["impostor_photos"] == photos + len(versions), mode
+        assert found["impostor_accept_rate"] is not None, mode
+        if found["set_by_impostors"]:
+            assert found["impostor_accept_rate"] <= TARGET_FALSE_ACCEPT, mode
 
 
 def test_features_stream_through_a_file_that_is_gone_once_mapped(

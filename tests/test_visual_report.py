@@ -247,7 +247,14 @@ def test_geometric_verification_is_tabulated_per_views_mode(full_report, trained
         f"{100 * found['verified_share']:.1f} %" for found in rule["views"].values()
     ]
     assert [row[2] for row in rows] == [
-        f"{f['threshold']:.4f}" + (" (set by the outside photos)" if f["set_by_outside"] else "")
+        f"{f['threshold']:.4f}"
+        + (
+            " (set by the outside photos)"
+            if f["set_by_outside"]
+            else " (set by the catalogue's own photos, as outside ones)"
+            if f["set_by_impostors"]
+            else ""
+        )
         for f in rule["views"].values()
     ]
     assert f"a label with {rule['min_inliers']} inliers is verified" in page.all_text

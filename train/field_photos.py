@@ -33,11 +33,17 @@ PER_PHOTO = 2
 _FRAME = 320
 
 
+def field_kinds(photos: int) -> list[str]:
+    """The kind of each field version `field_versions` makes of this many photos, in order."""
+    return [KINDS[version % len(KINDS)] for version in range(photos * PER_PHOTO)]
+
+
 def field_versions(paths: Sequence[Path], seed: int = 0) -> Iterator[bytes]:
     """JPEG bytes of `PER_PHOTO` field versions of each photo, photo by photo."""
+    kinds = field_kinds(len(paths))
     for index, path in enumerate(paths):
         for copy in range(PER_PHOTO):
-            kind = KINDS[(index * PER_PHOTO + copy) % len(KINDS)]
+            kind = kinds[index * PER_PHOTO + copy]
             rng = np.random.default_rng([seed, zlib.crc32(path.name.encode()), copy])
             others = [paths[(index + step) % len(paths)] for step in (1, 2, 3)]
             yield field_photo(_open(path), kind, rng, others)

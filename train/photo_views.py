@@ -38,7 +38,7 @@ from matcher.images import ImageLimits, for_graph, inspect_image
 from matcher.index import CatalogueIndex
 from matcher.layout import TURN_MARK
 from matcher.views import FALLBACK_INPUT_SIDE, PLANS, TURNED, QueryView, render, rewrite_side
-from train.field_photos import PER_PHOTO, field_versions
+from train.field_photos import PER_PHOTO, field_kinds, field_versions
 from train.verification import (
     FocusedKeypoints,
     RescueCalibration,
@@ -48,6 +48,11 @@ from train.verification import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Two items are twins to the pooled features when the median photo of one is less than this
+#: more similar to its own item than to the other (`twin_labels`). On `bench.quality` the two
+#: halves of one star field are 0.004-0.03 apart and every other pair at least 0.33.
+TWIN_MARGIN = 0.1
 
 #: Scores [N, L] of feature rows for each label (higher is better), in `CatalogueIndex.labels`
 #: order: what the run's matcher ranks by.
@@ -174,6 +179,11 @@ def calibrate_views(
     beyond = photo_views(_read(outside), len(outside), *args, "outside views")
     truth, names = np.array(labels), np.array(seen.labels)
     field_truth = np.repeat(truth, PER_PHOTO)
+    # Photos that stand in for outside ones where there are none: every held-out photo and
+    # field version but those on clutter, which is cut from other items' photos.
+    impostor_rows = np.concatenate(
+        [np.ones(len(truth), bool), np.array(field_kinds(len(paths))) != "small_on_clutter"]
+    )
     local = None
     if keypoints is not None:  # the photos as the server would see them, in the same order
         photos = [*_read(paths), *field_versions(paths), *_read(outside)]
@@ -210,6 +220,7 @@ def calibrate_views(
                 nearest[inside:],
                 checked.inliers[inside:] >= min_inliers,
                 target,
+                impostors=impostor_similarity(by_label[:inside], truths, names, impostor_rows),
             )
         correct = names[order[:inside, 0]] == truths
         answered = names[first] == truths  # as served: a verified label first
@@ -223,6 +234,43 @@ def calibrate_views(
             rescue,
         )
     return found
+
+
+def impostor_similarity(
+    by_label: np.ndarray, truths: np.ndarray, names: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """What catalogue photos score where their own item is not in the catalogue: stand-ins
+    for outside photos when there are none (`calibrate_rescue`).
+
+    Each photo of `rows` (of `by_label` [N, L], each label's similarity, `truths` [N] their
+    labels) keeps its most similar label other than its own and its item's twins
+    (`twin_labels`): a photo of one half of a star field is near the other half, which is
+    the ranking's and geometry's business, not what an outside photo looks like. Photos
+    whose every other label is a twin are left out."""
+    column = {str(name): i for i, name in enumerate(names)}
+    rows = rows & np.array([str(label) in column for label in truths], dtype=bool)
+    own = np.array([column.get(str(label), 0) for label in truths], dtype=np.int64)
+    others = np.array(by_label, dtype=np.float64)
+    others[np.arange(len(own)), own] = -np.inf
+    others[twin_labels(by_label, own, rows)[own]] = -np.inf
+    best = others.max(axis=1)[rows]
+    kept: np.ndarray = best[np.isfinite(best)]
+    return kept
+
+
+def twin_labels(by_label: np.ndarray, own: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[L, L]: the pairs of labels whose photos the pooled features barely tell apart: the
+    median photo of either is within `TWIN_MARGIN` as similar to the other as to its own."""
+    labels = by_label.shape[1]
+    own_similarity = by_label[np.arange(len(own)), own]
+    margin = np.full((labels, labels), np.inf)
+    for label in range(labels):
+        photos = rows & (own == label)
+        if photos.any():
+            margin[label] = np.median(own_similarity[photos, None] - by_label[photos], axis=0)
+    np.fill_diagonal(margin, np.inf)
+    twins: np.ndarray = (margin < TWIN_MARGIN) | (margin.T < TWIN_MARGIN)
+    return twins
 
 
 def _best(

@@ -453,6 +453,9 @@ def _calibrate(
                 100 * rescue.false_reject_rate,
                 f", accepts {100 * rescue.false_accept_rate:.1f} % of outside photos"
                 if rescue.false_accept_rate is not None
+                else f", accepts {100 * rescue.impostor_accept_rate:.1f} % of "
+                f"{rescue.impostor_photos} catalogue photos scored as outside ones"
+                if rescue.impostor_accept_rate is not None
                 else "",
             )
     return by_views

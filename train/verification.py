@@ -205,6 +205,12 @@ class RescueCalibration:
     outside_verified: int
     #: Whether the outside photos set it (lower than the false-reject target alone would).
     set_by_outside: bool = False
+    #: Catalogue photos scored against the items they are not (stand-ins for outside photos:
+    #: `train.photo_views.impostor_similarity`), and the share of them it lets through.
+    impostor_photos: int = 0
+    impostor_accept_rate: float | None = None
+    #: Whether, without outside photos, those stand-ins set it (lower than the target alone).
+    set_by_impostors: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,17 +223,21 @@ def calibrate_rescue(
     outside_verified: np.ndarray,
     target: float,
     outside_target: float = TARGET_FALSE_ACCEPT,
+    impostors: np.ndarray | None = None,
 ) -> RescueCalibration:
     """The rescue threshold for correct matches (`similarity`, `verified`: theirs) and outside
     photos (theirs): the highest that, with geometry, refuses at most `target` of the correct
     matches (1.0, similarity alone never suffices, when geometry alone keeps that many), or,
     when outside photos show that a lower one still refuses all but `outside_target` of them,
-    that lower one.
+    that lower one. Without outside photos, `impostors` (catalogue photos' similarity to the
+    items they are not: `train.photo_views.impostor_similarity`) stand in for them.
 
     The first rule alone grows stricter as geometry verifies more (the photos left to rescue
     are then the fewer, plainer ones), and field photos harder than the calibration's are
     refused the more: on `bench.quality` 9 % of correct field matches at 0.595, where the
-    outside photos of the catalogue's own `_outside/` were all refused from 0.503."""
+    outside photos of the catalogue's own `_outside/` were all refused from 0.503. Without
+    outside photos the first rule gave 0.663 there (6 % of correct field matches refused);
+    the impostors gave 0.49, about where the outside photos put it."""
     if len(similarity) == 0:
         raise ValueError("no correct held-out match to set the rescue threshold on")
     unverified = np.sort(similarity[~verified])
@@ -237,6 +247,13 @@ def calibrate_rescue(
     set_by_outside = lenient is not None and lenient < threshold
     if lenient is not None and set_by_outside:
         threshold = lenient
+    stand_ins = np.zeros(0) if impostors is None else np.asarray(impostors)
+    set_by_impostors = False
+    if len(outside_similarity) == 0 and len(stand_ins):
+        lenient = _refusing_outside(stand_ins, np.zeros(len(stand_ins), bool), outside_target)
+        set_by_impostors = lenient is not None and lenient < threshold
+        if lenient is not None and set_by_impostors:
+            threshold = lenient
     accepted = verified | (similarity >= threshold)
     outside = outside_verified | (outside_similarity >= threshold)
     return RescueCalibration(
@@ -248,6 +265,9 @@ def calibrate_rescue(
         outside_photos=len(outside),
         outside_verified=int(np.sum(outside_verified)),
         set_by_outside=set_by_outside,
+        impostor_photos=len(stand_ins),
+        impostor_accept_rate=float(np.mean(stand_ins >= threshold)) if len(stand_ins) else None,
+        set_by_impostors=set_by_impostors,
     )
 
 

@@ -763,6 +763,15 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
     )
 
 
+def _set_by(found: dict[str, Any]) -> str:
+    """What lowered a rescue threshold below the false-reject target's, in words."""
+    if found.get("set_by_outside"):
+        return " (set by the outside photos)"
+    if found.get("set_by_impostors"):
+        return " (set by the catalogue's own photos, as outside ones)"
+    return ""
+
+
 def _verification_html(report: dict[str, Any]) -> str:
     """What geometric verification (`matcher.geometry`) measured, per views mode."""
     rule = report.get("verification")
@@ -781,8 +790,7 @@ def _verification_html(report: dict[str, Any]) -> str:
             (
                 mode,
                 f"{100 * found['verified_share']:.1f} %",
-                f"{found['threshold']:.4f}"
-                + (" (set by the outside photos)" if found.get("set_by_outside") else ""),
+                f"{found['threshold']:.4f}" + _set_by(found),
                 f"{100 * found['false_reject_rate']:.1f} %",
                 "-"
                 if found["false_accept_rate"] is None
