@@ -257,6 +257,9 @@ def test_geometric_verification_is_tabulated_per_views_mode(full_report, trained
         )
         for f in rule["views"].values()
     ]
+    assert [row[4] for row in rows] == [
+        f"{100 * f['false_accept_rate']:.1f} %" for f in rule["views"].values()
+    ]
     assert f"a label with {rule['min_inliers']} inliers is verified" in page.all_text
 
 

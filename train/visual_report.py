@@ -772,6 +772,16 @@ def _set_by(found: dict[str, Any]) -> str:
     return ""
 
 
+def _let_through(found: dict[str, Any]) -> str:
+    """The outside photos a rescue threshold lets through, or, without any, the catalogue
+    photos that stood in for them."""
+    if found["false_accept_rate"] is not None:
+        return f"{100 * found['false_accept_rate']:.1f} %"
+    if found.get("impostor_accept_rate") is not None:
+        return f"{100 * found['impostor_accept_rate']:.1f} % of stand-ins"
+    return "-"
+
+
 def _verification_html(report: dict[str, Any]) -> str:
     """What geometric verification (`matcher.geometry`) measured, per views mode."""
     rule = report.get("verification")
@@ -792,9 +802,7 @@ def _verification_html(report: dict[str, Any]) -> str:
                 f"{100 * found['verified_share']:.1f} %",
                 f"{found['threshold']:.4f}" + _set_by(found),
                 f"{100 * found['false_reject_rate']:.1f} %",
-                "-"
-                if found["false_accept_rate"] is None
-                else f"{100 * found['false_accept_rate']:.1f} %",
+                _let_through(found),
             )
             for mode, found in (rule.get("views") or {}).items()
         ],
