@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 
@@ -53,19 +53,28 @@ def status_for(error: MatcherError) -> grpc.StatusCode:
 
 
 def _map_errors(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """The handler, its errors answered with their status.
+
+    The status is set, not sent (`context.abort` would send it at once): the call then ends
+    when the handler returns, after the interceptors have counted and logged it, so a client
+    that has its answer finds the call in the access log and the metrics."""
+
     @functools.wraps(handler)
     async def wrapper(self: MatcherServicer, request: Req, context: Context) -> Resp:
         try:
             return await handler(self, request, context)
         except MatcherError as exc:
-            await context.abort(status_for(exc), str(exc))
+            context.set_code(status_for(exc))
+            context.set_details(str(exc))
         except grpc.aio.AbortError:
             raise
         except Exception:
             # Unexpected: the caller gets a generic message, the log gets the traceback.
             log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        raise AssertionError("unreachable: abort raises")
+            context.set_code(grpc.StatusCode.INTERNAL)
+            context.set_details("internal error; see the server log")
+        # No response: grpc discards the one of a call whose status is not OK.
+        return cast(Resp, None)
 
     return wrapper
 
