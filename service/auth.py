@@ -110,7 +110,10 @@ def _refusing_handler(
 
     async def refuse(request: Any, context: Context) -> None:
         log.warning("refused %s from %s: %s", method, context.peer(), code.name)
-        await context.abort(code, message)
+        # Set, not sent (as `service.servicer` answers errors): the status leaves once the
+        # handler returns, after the access log line and the metrics have the call.
+        context.set_code(code)
+        context.set_details(message)
 
     shape = (
         bool(handler and handler.request_streaming),
