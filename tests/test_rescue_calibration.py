@@ -108,3 +108,29 @@ def test_stand_ins_leave_out_photos_whose_every_other_item_is_a_twin() -> None:
     by_label = np.array([[0.90, 0.88], [0.87, 0.91]])
     rows = np.ones(2, bool)
     assert impostor_similarity(by_label, np.array(["left", "right"]), names, rows).size == 0
+
+
+def test_the_curve_records_the_rule_at_other_thresholds() -> None:
+    outside = np.linspace(0.10, 0.32, 40)
+    found = calibrate_rescue(
+        SIMILARITY, VERIFIED, outside, np.zeros(40, bool), 0.05, impostors=np.full(10, 0.2)
+    )
+    curve = found.curve
+    thresholds = [point["threshold"] for point in curve]
+    assert thresholds == sorted(thresholds) and thresholds[0] == pytest.approx(0.10)
+    assert thresholds[-1] == pytest.approx(0.49)  # the highest unverified similarity
+    rejects = [point["false_reject"] for point in curve]
+    accepts = [point["false_accept"] for point in curve]
+    # Lower thresholds refuse fewer correct matches and let more outside photos through;
+    # verified matches are never refused (20 of 100 unverified at most).
+    assert rejects == sorted(rejects) and accepts == sorted(accepts, reverse=True)
+    assert rejects[0] == 0.0 and rejects[-1] == pytest.approx(0.19)
+    assert accepts[0] == 1.0 and accepts[-1] == 0.0
+    assert all(point["stand_in_accept"] in (0.0, 1.0) for point in curve)
+
+
+def test_without_outside_photos_or_stand_ins_the_curve_has_no_accepts() -> None:
+    found = calibrate_rescue(SIMILARITY, VERIFIED, np.zeros(0), np.zeros(0, bool), 0.05)
+    assert found.curve and all(
+        point["false_accept"] is None and point["stand_in_accept"] is None for point in found.curve
+    )

@@ -25,6 +25,7 @@ FIGURES = [
     "grid.png",
     "tsne.png",
     "no_match.png",
+    "rescue.png",
     "bottleneck.png",
     "input.png",
     *(f"feature_maps_{k}.png" for k in range(1, 5)),

@@ -73,8 +73,13 @@ def _text_colour(value: float) -> str:
     return "black" if value > 0.55 else "white"
 
 
-def no_match_figure(curve: Sequence[Mapping[str, Any]], threshold: float) -> Figure:
-    """False rejects and false accepts against the threshold, the chosen one marked."""
+def no_match_figure(
+    curve: Sequence[Mapping[str, Any]],
+    threshold: float,
+    title: str = "No match: what each threshold rejects and lets through",
+) -> Figure:
+    """False rejects and false accepts against the threshold, the chosen one marked; with a
+    curve's `stand_in_accept`, the catalogue photos that stood in for outside ones too."""
     figure = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = figure.add_subplot()
     thresholds = [point["threshold"] for point in curve]
@@ -84,11 +89,20 @@ def no_match_figure(curve: Sequence[Mapping[str, Any]], threshold: float) -> Fig
     accepts = [point["false_accept"] for point in curve]
     if all(value is not None for value in accepts):
         ax.plot(thresholds, accepts, label="outside photos accepted")
+    stand_ins = [point.get("stand_in_accept") for point in curve]
+    if curve and all(value is not None for value in stand_ins):
+        shares = [float(value) for value in stand_ins if value is not None]
+        ax.plot(
+            thresholds,
+            shares,
+            linestyle=":",
+            label="stand-ins accepted (catalogue photos as outside ones)",
+        )
     ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("threshold on the similarity to the nearest catalogue view")
     ax.set_ylabel("share of photos")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("No match: what each threshold rejects and lets through")
+    ax.set_title(title)
     ax.legend(loc="center right")
     return figure
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from matcher.calibration import CURVE_POINTS
 from matcher.geometry import (
     CANDIDATE_LABELS,
     REFERENCE_KEYPOINTS,
@@ -211,6 +212,9 @@ class RescueCalibration:
     impostor_accept_rate: float | None = None
     #: Whether, without outside photos, those stand-ins set it (lower than the target alone).
     set_by_impostors: bool = False
+    #: The whole rule at other thresholds (`rescue_curve`): {"threshold", "false_reject",
+    #: "false_accept", "stand_in_accept"} points, thresholds ascending.
+    curve: list[dict[str, float | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,7 +272,38 @@ def calibrate_rescue(
         impostor_photos=len(stand_ins),
         impostor_accept_rate=float(np.mean(stand_ins >= threshold)) if len(stand_ins) else None,
         set_by_impostors=set_by_impostors,
+        curve=rescue_curve(similarity, verified, outside_similarity, outside_verified, stand_ins),
     )
+
+
+def rescue_curve(
+    similarity: np.ndarray,
+    verified: np.ndarray,
+    outside_similarity: np.ndarray,
+    outside_verified: np.ndarray,
+    stand_ins: np.ndarray,
+) -> list[dict[str, float | None]]:
+    """What the rule (verified, or similar enough) does at `CURVE_POINTS` rescue thresholds
+    across the similarities it decides on: the correct matches it refuses, the outside photos
+    it takes (None without any) and the catalogue's stand-ins it takes (None without)."""
+    every = np.concatenate(
+        [similarity[~verified], outside_similarity[~outside_verified], stand_ins]
+    )
+    if len(every) == 0:
+        return []
+    points = []
+    for t in np.linspace(float(every.min()), float(every.max()), CURVE_POINTS):
+        points.append(
+            {
+                "threshold": round(float(t), 5),
+                "false_reject": float(np.mean(~verified & (similarity < t))),
+                "false_accept": float(np.mean(outside_verified | (outside_similarity >= t)))
+                if len(outside_similarity)
+                else None,
+                "stand_in_accept": float(np.mean(stand_ins >= t)) if len(stand_ins) else None,
+            }
+        )
+    return points
 
 
 def _refusing_outside(similarity: np.ndarray, verified: np.ndarray, target: float) -> float | None:

@@ -29,6 +29,7 @@ import numpy as np
 from matplotlib import font_manager, ft2font
 
 from matcher.layout import REPORT_FILE
+from matcher.views import DEFAULT_VIEWS
 from train import plots
 
 DEFAULT_OUT = "report"
@@ -40,6 +41,7 @@ OUTPUT_FILES = (
     "grid.png",
     "tsne.png",
     "no_match.png",
+    "rescue.png",
     "bottleneck.png",
     "input.png",
     *(f"feature_maps_{k}.png" for k in range(1, 5)),
@@ -759,7 +761,7 @@ def _no_match_html(report: dict[str, Any], pictures: list[Picture]) -> str:
         text
         + _figure(picture, "False rejects and false accepts against the threshold")
         + ("<p>Each views mode of a request has its own threshold:</p>" + table if by_views else "")
-        + _verification_html(report)
+        + _verification_html(report, pictures)
     )
 
 
@@ -782,7 +784,7 @@ def _let_through(found: dict[str, Any]) -> str:
     return "-"
 
 
-def _verification_html(report: dict[str, Any]) -> str:
+def _verification_html(report: dict[str, Any], pictures: list[Picture]) -> str:
     """What geometric verification (`matcher.geometry`) measured, per views mode."""
     rule = report.get("verification")
     if not rule:
@@ -811,7 +813,30 @@ def _verification_html(report: dict[str, Any]) -> str:
         f"<p>Geometric verification: {rule['keypoints']} keypoints of {rule['photos']} photos; "
         f"a label with {rule['min_inliers']} inliers is verified and ranks first. Correct "
         "held-out and field matches verified by geometry alone, and the similarity that "
-        "matches the others (the rescue threshold):</p>" + table
+        "matches the others (the rescue threshold):</p>" + table + _rescue_figure(rule, pictures)
+    )
+
+
+def _rescue_figure(rule: dict[str, Any], pictures: list[Picture]) -> str:
+    """The served rule's no-match curve: the server's default views mode, at other rescue
+    thresholds (runs trained before the curve was recorded have none)."""
+    found = (rule.get("views") or {}).get(DEFAULT_VIEWS) or {}
+    if not found.get("curve"):
+        return ""
+    picture = _picture(
+        "rescue.png",
+        plots.no_match_figure(
+            found["curve"],
+            found["threshold"],
+            f"As served ({DEFAULT_VIEWS}): a verified label matches, others need the threshold",
+        ),
+        "rescue curve",
+    )
+    pictures.append(picture)
+    return _figure(
+        picture,
+        f"The {DEFAULT_VIEWS} mode's verdict at other rescue thresholds: correct matches "
+        "refused and outside photos (or, without any, the catalogue's stand-ins) let through",
     )
 
 
