@@ -126,11 +126,11 @@ def test_the_curve_records_the_rule_at_other_thresholds() -> None:
     assert rejects == sorted(rejects) and accepts == sorted(accepts, reverse=True)
     assert rejects[0] == 0.0 and rejects[-1] == pytest.approx(0.19)
     assert accepts[0] == 1.0 and accepts[-1] == 0.0
-    assert all(point["stand_in_accept"] in (0.0, 1.0) for point in curve)
+    assert all(point["impostor_accept"] in (0.0, 1.0) for point in curve)
 
 
 def test_without_outside_photos_or_stand_ins_the_curve_has_no_accepts() -> None:
     found = calibrate_rescue(SIMILARITY, VERIFIED, np.zeros(0), np.zeros(0, bool), 0.05)
     assert found.curve and all(
-        point["false_accept"] is None and point["stand_in_accept"] is None for point in found.curve
+        point["false_accept"] is None and point["impostor_accept"] is None for point in found.curve
     )

@@ -79,7 +79,7 @@ def no_match_figure(
     title: str = "No match: what each threshold rejects and lets through",
 ) -> Figure:
     """False rejects and false accepts against the threshold, the chosen one marked; with a
-    curve's `stand_in_accept`, the catalogue photos that stood in for outside ones too."""
+    curve's `impostor_accept`, the catalogue photos that stood in for outside ones too."""
     figure = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = figure.add_subplot()
     thresholds = [point["threshold"] for point in curve]
@@ -89,12 +89,10 @@ def no_match_figure(
     accepts = [point["false_accept"] for point in curve]
     if all(value is not None for value in accepts):
         ax.plot(thresholds, accepts, label="outside photos accepted")
-    stand_ins = [point.get("stand_in_accept") for point in curve]
-    if curve and all(value is not None for value in stand_ins):
-        shares = [float(value) for value in stand_ins if value is not None]
+    if curve and all(point.get("impostor_accept") is not None for point in curve):
         ax.plot(
             thresholds,
-            shares,
+            [point["impostor_accept"] for point in curve],
             linestyle=":",
             label="stand-ins accepted (catalogue photos as outside ones)",
         )

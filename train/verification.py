@@ -213,7 +213,7 @@ class RescueCalibration:
     #: Whether, without outside photos, those stand-ins set it (lower than the target alone).
     set_by_impostors: bool = False
     #: The whole rule at other thresholds (`rescue_curve`): {"threshold", "false_reject",
-    #: "false_accept", "stand_in_accept"} points, thresholds ascending.
+    #: "false_accept", "impostor_accept"} points, thresholds ascending.
     curve: list[dict[str, float | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -247,17 +247,19 @@ def calibrate_rescue(
     unverified = np.sort(similarity[~verified])
     allowed = math.floor(target * len(similarity))
     threshold = float(unverified[allowed]) if len(unverified) > allowed else 1.0
-    lenient = _refusing_outside(outside_similarity, outside_verified, outside_target)
-    set_by_outside = lenient is not None and lenient < threshold
-    if lenient is not None and set_by_outside:
-        threshold = lenient
     stand_ins = np.zeros(0) if impostors is None else np.asarray(impostors)
-    set_by_impostors = False
-    if len(outside_similarity) == 0 and len(stand_ins):
-        lenient = _refusing_outside(stand_ins, np.zeros(len(stand_ins), bool), outside_target)
-        set_by_impostors = lenient is not None and lenient < threshold
-        if lenient is not None and set_by_impostors:
-            threshold = lenient
+    # The outside photos, where there are any, may lower it; else the stand-ins (none of which
+    # geometry verified: their own item's photos are the ones they were matched on).
+    has_outside = len(outside_similarity) > 0
+    lenient = (
+        _refusing_outside(outside_similarity, outside_verified, outside_target)
+        if has_outside
+        else _refusing_outside(stand_ins, np.zeros(len(stand_ins), bool), outside_target)
+    )
+    lowered = lenient is not None and lenient < threshold
+    if lenient is not None and lowered:
+        threshold = lenient
+    set_by_outside, set_by_impostors = lowered and has_outside, lowered and not has_outside
     accepted = verified | (similarity >= threshold)
     outside = outside_verified | (outside_similarity >= threshold)
     return RescueCalibration(
@@ -300,7 +302,7 @@ def rescue_curve(
                 "false_accept": float(np.mean(outside_verified | (outside_similarity >= t)))
                 if len(outside_similarity)
                 else None,
-                "stand_in_accept": float(np.mean(stand_ins >= t)) if len(stand_ins) else None,
+                "impostor_accept": float(np.mean(stand_ins >= t)) if len(stand_ins) else None,
             }
         )
     return points
