@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 #: Paths per input block, at most (a block is one actor task's work).
 BLOCK_ROWS = 512
 
+#: How long the extraction waits for every planned actor to have loaded its model before the
+#: first batch is handed out. Without the wait the first actor up takes the whole queue of a
+#: small job while the others still load (seen on a 2-core CI machine: one node did all 26
+#: photos); the plan only counts CPUs of live nodes, so a slower start is a node's model load.
+ACTOR_START_TIMEOUT_S = 600
+
 
 class RayUnavailableError(MatcherError):
     """The Ray cluster cannot be reached or cannot run the actors; the message says why."""
@@ -219,19 +225,29 @@ def extract_features_ray(
 
 @contextlib.contextmanager
 def _ordered_batches() -> Iterator[None]:
-    """Ray Data set to return batches in input order (what the sink's layout rests on) and
-    without its own progress bars (ours counts images, as the local pipeline's does); the
-    process's settings are restored afterwards."""
+    """Ray Data set to return batches in input order (what the sink's layout rests on), to
+    start only once every planned actor is up (`ACTOR_START_TIMEOUT_S`) and without its own
+    progress bars (ours counts images, as the local pipeline's does); the process's settings
+    are restored afterwards."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    saved = (
+        context.execution_options.preserve_order,
+        context.enable_progress_bars,
+        context.wait_for_min_actors_s,
+    )
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = saved
+        (
+            context.execution_options.preserve_order,
+            context.enable_progress_bars,
+            context.wait_for_min_actors_s,
+        ) = saved
 
 
 def actor_settings_for(settings: BackendSettings, cpus: float) -> BackendSettings:
@@ -272,8 +288,9 @@ def _stream(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=per_actor,
+        # A fixed pool: every planned actor is waited for (`_ordered_batches`) and kept.
         compute=ray.data.ActorPoolStrategy(
-            min_size=1,
+            min_size=actors,
             max_size=actors,
             initial_size=actors,
             max_concurrent_calls_per_actor=2,
